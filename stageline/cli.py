@@ -1,0 +1,311 @@
+"""The ``stageline`` command: the composition root.
+
+Ray-backed commands (``serve``, ``batch``) import their apps lazily, so the
+core commands start fast and work without a Ray cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from stageline.context import HOME_ENV, resolve_home
+from stageline.features import FeatureStoreError, materialize
+from stageline.registry import LocalRegistry, RegistryError, parse_model_ref
+from stageline.spec import PipelineSpec, SpecError, load_spec
+from stageline.stage import StageError
+
+DEFAULT_SPEC = "pipelines/fraud.yaml"
+EXPECTED = (SpecError, StageError, RegistryError, FeatureStoreError, OSError, ValueError)
+
+
+class CliError(Exception):
+    """A one-line error for the user; exit status 1."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="stageline: %(levelname)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        code: int = args.func(args)
+        return code
+    except (CliError, *EXPECTED) as e:
+        message = str(e).strip() or type(e).__name__
+        print(f"stageline: error: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("stageline: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stageline",
+        description="One tabular inference pipeline (XGBoost) for online serving and batch.",
+        epilog=f"Files live under --home, else ${HOME_ENV}, else ./.stageline",
+    )
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    def add(name: str, help: str, description: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=description)
+        p.add_argument("--home", help=f"stageline home (default: ${HOME_ENV} or ./.stageline)")
+        return p
+
+    demo = add(
+        "demo",
+        "build the demo world: data, features, a trained model, the online store",
+        "Generate a seeded synthetic card-fraud world, train an XGBoost model through the "
+        "pipeline's own stages, register it as fraud@champion and materialize the online store.",
+    )
+    demo.add_argument("--spec", default=DEFAULT_SPEC, help="pipeline spec (default: %(default)s)")
+    demo.add_argument("--customers", type=_positive, default=5_000, help="default: %(default)s")
+    demo.add_argument(
+        "--transactions", type=_positive, default=200_000, help="default: %(default)s"
+    )
+    demo.add_argument(
+        "--days", type=_positive, default=60, help="days of history (default: %(default)s)"
+    )
+    demo.add_argument("--seed", type=int, default=7, help="default: %(default)s")
+    demo.add_argument(
+        "--rounds", type=_positive, default=150, help="boosting rounds (default: %(default)s)"
+    )
+    demo.add_argument("--force", action="store_true", help="rebuild even if the demo exists")
+    demo.set_defaults(func=cmd_demo)
+
+    predict = add(
+        "predict",
+        "score a file in process (no Ray)",
+        "Run every stage of the pipeline in this process on a parquet, CSV or JSON-lines file. "
+        "Rows that fail a check are reported with their reason, not dropped.",
+    )
+    predict.add_argument(
+        "--spec", default=DEFAULT_SPEC, help="pipeline spec (default: %(default)s)"
+    )
+    predict.add_argument("--input", required=True, help="records: .parquet, .csv, .json or .jsonl")
+    predict.add_argument(
+        "--output",
+        help="write predictions here (.parquet, .csv or .jsonl); default: JSON lines on stdout",
+    )
+    predict.set_defaults(func=cmd_predict)
+
+    registry = add(
+        "registry", "list, show and alias registered models", "The local model registry."
+    )
+    rsub = registry.add_subparsers(title="registry commands", metavar="ACTION")
+    rlist = rsub.add_parser("list", help="every model version with its aliases and metrics")
+    rlist.set_defaults(func=cmd_registry_list)
+    rshow = rsub.add_parser("show", help="one version's metadata as JSON")
+    rshow.add_argument("model", help="NAME, NAME@ALIAS or NAME@VERSION (default alias: champion)")
+    rshow.set_defaults(func=cmd_registry_show)
+    ralias = rsub.add_parser(
+        "alias", help="point an alias (champion, challenger, ...) at a version"
+    )
+    ralias.add_argument("name")
+    ralias.add_argument("alias")
+    ralias.add_argument("version", type=_positive)
+    ralias.set_defaults(func=cmd_registry_alias)
+    for p in (rlist, rshow, ralias):
+        # SUPPRESS: a subparser's default would overwrite a --home given before the action.
+        p.add_argument("--home", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    registry.set_defaults(func=lambda _a: _usage(registry))
+
+    mat = add(
+        "materialize",
+        "write the latest feature values to the online store",
+        "Copy each feature view's latest value per entity from the offline store to the "
+        "online store the spec selects.",
+    )
+    mat.add_argument("--spec", default=DEFAULT_SPEC, help="pipeline spec (default: %(default)s)")
+    mat.add_argument("--view", action="append", help="only this view (repeatable)")
+    mat.set_defaults(func=cmd_materialize)
+    return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
+    return value
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from stageline.demo.train import build_demo, demo_exists
+
+    spec, home = load_spec(args.spec), resolve_home(args.home)
+    if demo_exists(home) and not args.force:
+        print(f"demo already built under {home} (use --force to rebuild)")
+        return 0
+    if args.force:
+        for sub in ("demo", "features", "online", "models/fraud"):
+            shutil.rmtree(home / sub, ignore_errors=True)
+    print(f"building the demo world under {home} ...", file=sys.stderr)
+    result = build_demo(
+        spec,
+        home,
+        customers=args.customers,
+        transactions=args.transactions,
+        days=args.days,
+        seed=args.seed,
+        rounds=args.rounds,
+    )
+    meta = result.model
+    print(
+        f"registered {meta.name} v{meta.version} as champion: held-out AUC "
+        f"{meta.metrics['auc']:.3f}, threshold {meta.threshold:.3f} ({result.seconds:.1f} s)\n"
+        f"held-out transactions: {result.holdout}"
+    )
+    return 0
+
+
+def ensure_demo(spec: PipelineSpec, home: Path) -> None:
+    """Build the demo world first when the demo spec runs on an empty home."""
+    from stageline.demo.train import MODEL, build_demo, demo_exists
+
+    if spec.name == "fraud" and not demo_exists(home) and not (home / "models" / MODEL).exists():
+        print(f"no demo world under {home} yet: building it first ...", file=sys.stderr)
+        build_demo(spec, home)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from stageline.pipeline import Pipeline, records
+
+    spec, home = load_spec(args.spec), resolve_home(args.home)
+    ensure_demo(spec, home)
+    batch = read_records(Path(args.input))
+    started = time.perf_counter()
+    result = Pipeline(spec, home).predict(batch)
+    seconds = time.perf_counter() - started
+    if args.output:
+        write_records(result, Path(args.output))
+    else:
+        for row in records(result):
+            print(json.dumps(row, default=str))
+    rejected = int(result["error"].notna().sum())
+    models = sorted(
+        {
+            f"{n} v{v}"
+            for n, v in zip(result["model_name"], result["model_version"], strict=True)
+            if pd.notna(n)
+        }
+    )
+    print(
+        f"scored {len(result) - rejected} of {len(result)} rows ({rejected} rejected, see 'error') "
+        f"with {', '.join(models) or 'no model'} in {seconds:.2f} s"
+        + (f"; wrote {args.output}" if args.output else ""),
+        file=sys.stderr,
+    )
+    return 0
+
+
+def read_records(path: Path) -> pd.DataFrame:
+    if not path.exists():
+        raise CliError(f"no such input file: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet" or path.is_dir():
+        return pd.read_parquet(path)
+    if suffix == ".csv":
+        return pd.read_csv(path)
+    if suffix in (".jsonl", ".ndjson"):
+        return pd.read_json(path, lines=True, dtype=False, convert_dates=False)
+    if suffix == ".json":
+        data = json.loads(path.read_text())
+        rows = data.get("records", data) if isinstance(data, dict) else data
+        if not isinstance(rows, list):
+            raise CliError(f'{path}: expected a JSON list of records or {{"records": [...]}}')
+        return pd.DataFrame.from_records(rows)
+    raise CliError(f"{path}: unknown input format {suffix!r} (use .parquet, .csv, .json or .jsonl)")
+
+
+def write_records(frame: pd.DataFrame, path: Path) -> None:
+    from stageline.pipeline import records
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        frame.to_parquet(path, index=False)
+    elif suffix == ".csv":
+        frame.to_csv(path, index=False)
+    elif suffix in (".jsonl", ".ndjson"):
+        path.write_text("".join(json.dumps(r, default=str) + "\n" for r in records(frame)))
+    else:
+        raise CliError(f"{path}: unknown output format {suffix!r} (use .parquet, .csv or .jsonl)")
+
+
+def cmd_registry_list(args: argparse.Namespace) -> int:
+    registry = LocalRegistry(resolve_home(args.home) / "models")
+    rows = []
+    for name in registry.models():
+        aliases = registry.aliases(name)
+        for meta in registry.versions(name):
+            tags = ",".join(a for a, v in sorted(aliases.items()) if v == meta.version) or "-"
+            auc = meta.metrics.get("auc")
+            rows.append(
+                (
+                    name,
+                    str(meta.version),
+                    tags,
+                    f"{auc:.3f}" if auc is not None else "-",
+                    meta.created_at.strftime("%Y-%m-%d %H:%M"),
+                    meta.sha256[:12],
+                )
+            )
+    if not rows:
+        print(f"no models registered under {registry.root} (run `stageline demo`)")
+        return 0
+    header = ("MODEL", "VERSION", "ALIASES", "AUC", "CREATED (UTC)", "SHA256")
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    for r in (header, *rows):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_registry_show(args: argparse.Namespace) -> int:
+    registry = LocalRegistry(resolve_home(args.home) / "models")
+    name, ref = parse_model_ref(args.model)
+    print(registry.resolve(name, ref).model_dump_json(indent=2))
+    return 0
+
+
+def cmd_registry_alias(args: argparse.Namespace) -> int:
+    registry = LocalRegistry(resolve_home(args.home) / "models")
+    before = registry.aliases(args.name).get(args.alias)
+    registry.set_alias(args.name, args.alias, args.version)
+    moved = f" (was v{before})" if before is not None and before != args.version else ""
+    print(f"{args.name}@{args.alias} -> v{args.version}{moved}")
+    return 0
+
+
+def cmd_materialize(args: argparse.Namespace) -> int:
+    spec, home = load_spec(args.spec), resolve_home(args.home)
+    unknown = sorted(set(args.view or ()) - set(spec.features.views))
+    if unknown:
+        raise CliError(
+            f"unknown feature view(s) {unknown}; the spec defines {sorted(spec.features.views)}"
+        )
+    for view, rows in materialize(spec, home, args.view).items():
+        print(f"materialized {view}: {rows} entities -> {spec.features.online.kind} online store")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

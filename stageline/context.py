@@ -1,0 +1,66 @@
+"""What a stage gets besides its own params, and how every runtime builds one.
+
+``stage_factory`` is the single place that turns a :class:`StageSpec` into a
+class and its constructor keyword arguments. The in-process ``Pipeline``,
+Ray Serve (deployment init args) and Ray Data (``fn_constructor_kwargs``)
+all call it, so a stage is constructed the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from stageline.spec import PipelineSpec, StageSpec, accepts, resolve_class
+
+if TYPE_CHECKING:
+    from stageline.features.offline import OfflineStore
+    from stageline.features.online import OnlineStore
+    from stageline.registry import LocalRegistry
+
+HOME_ENV = "STAGELINE_HOME"
+
+
+def resolve_home(home: str | os.PathLike[str] | None = None) -> Path:
+    """``home`` if given, else ``$STAGELINE_HOME``, else ``./.stageline``."""
+    if home is not None:
+        return Path(home).resolve()
+    return Path(os.environ.get(HOME_ENV) or ".stageline").resolve()
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """Passed as ``context=`` to a stage whose ``__init__`` accepts it.
+
+    Plain data (picklable): Ray ships it to replicas and actors as it is.
+    """
+
+    stage_name: str
+    spec: PipelineSpec
+    home: Path
+
+    def registry(self) -> LocalRegistry:
+        from stageline.registry import LocalRegistry
+
+        return LocalRegistry(self.home / "models")
+
+    def offline_store(self) -> OfflineStore:
+        from stageline.features.offline import OfflineStore
+
+        return OfflineStore(self.home, self.spec.features.views, self.spec.base_dir)
+
+    def online_store(self) -> OnlineStore:
+        from stageline.features.online import open_online_store
+
+        return open_online_store(self.spec, self.home)
+
+
+def stage_factory(spec: PipelineSpec, stage: StageSpec, home: Path) -> tuple[type, dict[str, Any]]:
+    """The class named by ``stage.uses`` and the keyword arguments to construct it."""
+    cls = resolve_class(stage.uses, spec.base_dir)
+    kwargs = dict(stage.params)
+    if accepts(cls, "context"):
+        kwargs["context"] = StageContext(stage_name=stage.name, spec=spec, home=home)
+    return cls, kwargs

@@ -1,0 +1,1 @@
+"""The embedded demo: a synthetic card-fraud world and its trained model."""

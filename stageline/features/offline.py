@@ -1,0 +1,131 @@
+"""Offline feature store: parquet tables of feature values per entity over time."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from stageline._io import atomic_write_parquet
+from stageline.spec import FeatureViewSpec
+
+
+class FeatureStoreError(RuntimeError):
+    """The feature store cannot serve a view (missing table, bad columns)."""
+
+
+_DTYPES: dict[str, Any] = {"float": "float64", "int": "int64", "bool": "bool", "str": object}
+
+
+def found_column(view: str) -> str:
+    """Name of the flag column: False where the entity was unknown to the view."""
+    return f"{view}_found"
+
+
+def with_defaults(
+    values: pd.DataFrame, view: str, spec: FeatureViewSpec, found: np.ndarray[Any, Any]
+) -> pd.DataFrame:
+    """Typed feature columns, the view's defaults where not ``found``, plus the flag.
+
+    Used by the online lookup and the point-in-time join alike, so an unknown
+    entity gets the same values in training, online and batch.
+    """
+    out = pd.DataFrame(index=values.index)
+    for name, feat in spec.features.items():
+        column = values[name] if name in values.columns else pd.Series(np.nan, index=values.index)
+        column = column.where(found, feat.default)
+        if column.isna().any():
+            column = column.fillna(feat.default)
+        out[name] = column.astype(_DTYPES[feat.type])
+    out[found_column(view)] = found
+    return out
+
+
+class OfflineStore:
+    """Parquet tables under ``<home>/features/<view>.parquet`` (or a view's ``source``)."""
+
+    def __init__(
+        self, home: Path, views: Mapping[str, FeatureViewSpec], base_dir: Path | None = None
+    ) -> None:
+        self.home = Path(home)
+        self.views = dict(views)
+        self.base_dir = base_dir or Path.cwd()
+
+    def view(self, name: str) -> FeatureViewSpec:
+        try:
+            return self.views[name]
+        except KeyError:
+            raise FeatureStoreError(
+                f"unknown feature view {name!r}; the spec defines: {sorted(self.views) or 'none'}"
+                " (add it under features.views)"
+            ) from None
+
+    def path(self, name: str) -> Path:
+        view = self.view(name)
+        if view.source:
+            source = Path(view.source)
+            return source if source.is_absolute() else self.base_dir / source
+        return self.home / "features" / f"{name}.parquet"
+
+    def read(self, name: str) -> pd.DataFrame:
+        """The whole history of a view: entity, event time and feature columns."""
+        view, path = self.view(name), self.path(name)
+        if not path.exists():
+            raise FeatureStoreError(
+                f"feature view {name!r}: no offline table at {path} "
+                "(run `stageline demo`, or write the table there)"
+            )
+        frame = pd.read_parquet(path)
+        missing = [c for c in (view.entity, view.event_time, *view.features) if c not in frame]
+        if missing:
+            raise FeatureStoreError(f"feature view {name!r}: {path} lacks column(s) {missing}")
+        frame[view.event_time] = pd.to_datetime(frame[view.event_time], utc=True)
+        return frame
+
+    def write(self, name: str, frame: pd.DataFrame) -> Path:
+        """Replace a view's offline table atomically."""
+        return atomic_write_parquet(self.path(name), frame)
+
+    def latest(self, name: str) -> pd.DataFrame:
+        """The newest row per entity: what the online store serves."""
+        view = self.view(name)
+        frame = self.read(name).sort_values(view.event_time, kind="stable")
+        return frame.drop_duplicates(view.entity, keep="last").reset_index(drop=True)
+
+    def point_in_time_join(
+        self, rows: pd.DataFrame, name: str, *, key: str | None = None, timestamp: str = "ts"
+    ) -> pd.DataFrame:
+        """``rows`` plus each entity's feature values as of the row's timestamp.
+
+        Only values whose event time is at or before the row's timestamp are
+        used, so a training set never sees the future. Rows keep their order;
+        an entity with no earlier value gets the view's defaults and
+        ``<view>_found=False``.
+        """
+        view = self.view(name)
+        key = key or view.entity
+        table = self.read(name)
+        left = pd.DataFrame(
+            {
+                "_key": rows[key].astype(str).to_numpy(),
+                "_ts": pd.to_datetime(rows[timestamp], utc=True).to_numpy(),
+                "_pos": np.arange(len(rows)),
+            }
+        ).sort_values("_ts", kind="stable")
+        right = table.rename(columns={view.entity: "_key", view.event_time: "_ts"})
+        right = right[["_key", "_ts", *view.features]].sort_values("_ts", kind="stable")
+        right["_hit"] = True
+        right["_key"] = right["_key"].astype(left["_key"].dtype)
+        right["_ts"] = right["_ts"].astype(left["_ts"].dtype)
+        joined = pd.merge_asof(
+            left, right, on="_ts", by="_key", direction="backward", allow_exact_matches=True
+        ).sort_values("_pos")
+        found = joined["_hit"].eq(True).to_numpy()
+        features = with_defaults(joined.reset_index(drop=True), name, view, found)
+        features.index = rows.index
+        return pd.concat(
+            [rows.drop(columns=list(features.columns), errors="ignore"), features], axis=1
+        )

@@ -1,0 +1,117 @@
+"""Online feature store: the latest feature values per entity, looked up per batch.
+
+The store is an interface (:class:`OnlineStore`). The embedded default,
+:class:`MemoryOnlineStore`, holds the materialized snapshot in process.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import pandas as pd
+
+from stageline._io import atomic_write_parquet
+from stageline.features.offline import FeatureStoreError, OfflineStore, with_defaults
+from stageline.spec import FeatureViewSpec, PipelineSpec
+
+log = logging.getLogger(__name__)
+
+
+class StoreUnavailableError(FeatureStoreError):
+    """The online store cannot be reached: online a 503, in batch a retry."""
+
+
+class OnlineStore(Protocol):
+    """Latest feature values per entity key."""
+
+    def lookup(self, view: str, keys: pd.Series) -> pd.DataFrame:
+        """One row per key, in order: typed features (defaults where unknown) and
+        ``<view>_found``. One round trip per batch, whatever its size."""
+        ...
+
+    def write(self, view: str, latest: pd.DataFrame) -> int:
+        """Replace the view's values with ``latest`` (one row per entity); rows written."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class MemoryOnlineStore:
+    """In-process store loaded from ``<home>/online/<view>.parquet``.
+
+    ``write`` (what ``stageline materialize`` calls) replaces that snapshot
+    atomically; a replica loads it once at start. A view never materialized
+    is built from the offline table's latest values, with a warning.
+    """
+
+    def __init__(self, offline: OfflineStore, snapshot_dir: Path) -> None:
+        self.offline = offline
+        self.snapshot_dir = Path(snapshot_dir)
+        self._tables: dict[str, pd.DataFrame] = {}
+
+    def _snapshot(self, view: str) -> Path:
+        return self.snapshot_dir / f"{view}.parquet"
+
+    def _table(self, view: str) -> pd.DataFrame:
+        table = self._tables.get(view)
+        if table is None:
+            spec = self.offline.view(view)
+            path = self._snapshot(view)
+            if path.exists():
+                table = pd.read_parquet(path)
+            else:
+                log.warning(
+                    "feature view %r has no online snapshot at %s; serving the offline "
+                    "table's latest values (run `stageline materialize` to snapshot them)",
+                    view,
+                    path,
+                )
+                table = self.offline.latest(view)
+            table = table.drop_duplicates(spec.entity, keep="last")
+            table = table.set_index(table[spec.entity].astype(str))[list(spec.features)]
+            self._tables[view] = table
+        return table
+
+    def lookup(self, view: str, keys: pd.Series) -> pd.DataFrame:
+        spec: FeatureViewSpec = self.offline.view(view)
+        table = self._table(view)
+        positions = table.index.get_indexer(pd.Index(keys.astype(str)))
+        found = positions >= 0
+        values = table.iloc[np.where(found, positions, 0)].reset_index(drop=True)
+        if len(table) == 0:
+            values = pd.DataFrame(index=range(len(keys)))
+        out = with_defaults(values, view, spec, found)
+        out.index = keys.index
+        return out
+
+    def write(self, view: str, latest: pd.DataFrame) -> int:
+        spec = self.offline.view(view)
+        frame = latest[[spec.entity, spec.event_time, *spec.features]]
+        atomic_write_parquet(self._snapshot(view), frame)
+        self._tables.pop(view, None)
+        return len(frame)
+
+    def close(self) -> None:
+        self._tables.clear()
+
+
+def open_online_store(spec: PipelineSpec, home: Path) -> OnlineStore:
+    """The online store the spec selects."""
+    offline = OfflineStore(home, spec.features.views, spec.base_dir)
+    return MemoryOnlineStore(offline, home / "online")
+
+
+def materialize(
+    spec: PipelineSpec, home: Path, views: Iterable[str] | None = None
+) -> dict[str, int]:
+    """Write each view's latest offline values to the online store; rows per view."""
+    offline = OfflineStore(home, spec.features.views, spec.base_dir)
+    store = open_online_store(spec, home)
+    try:
+        return {v: store.write(v, offline.latest(v)) for v in (views or spec.features.views)}
+    finally:
+        store.close()

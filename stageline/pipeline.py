@@ -1,0 +1,91 @@
+"""Run a whole pipeline in one process: the reference every runtime must match."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from stageline.context import StageContext, resolve_home, stage_factory
+from stageline.spec import PipelineSpec, StageSpec, load_spec
+from stageline.stage import ERROR_COLUMN, Stage, StageError
+from stageline.stages.postprocess import OUTPUT_COLUMNS
+from stageline.stages.validate import ValidateRequest
+
+
+def build_stage(spec: PipelineSpec, stage: StageSpec, home: Path) -> Stage:
+    """Construct one stage as every runtime does; a failure names the stage."""
+    cls, kwargs = stage_factory(spec, stage, home)
+    try:
+        instance: Stage = cls(**kwargs)
+    except Exception as e:  # a user's __init__ may raise anything: report which stage
+        raise StageError(f"stage {stage.name!r} ({stage.uses}) failed to load: {e}") from e
+    return instance
+
+
+class Pipeline:
+    """All stages of a spec, run one after another on a DataFrame, in process.
+
+    >>> pipe = Pipeline.from_spec("pipelines/fraud.yaml")   # doctest: +SKIP
+    >>> pipe.predict(pd.DataFrame(records))                 # doctest: +SKIP
+    """
+
+    def __init__(self, spec: PipelineSpec, home: str | os.PathLike[str] | None = None) -> None:
+        self.spec = spec
+        self.home = resolve_home(home)
+        validate = ValidateRequest(context=StageContext("validate", spec, self.home))
+        self.stages: list[tuple[str, Stage]] = [("validate", validate)]
+        self.stages += [(s.name, build_stage(spec, s, self.home)) for s in spec.stages]
+
+    @classmethod
+    def from_spec(
+        cls, spec: str | os.PathLike[str] | PipelineSpec, home: str | os.PathLike[str] | None = None
+    ) -> Pipeline:
+        return cls(spec if isinstance(spec, PipelineSpec) else load_spec(Path(spec)), home)
+
+    def __iter__(self) -> Iterator[tuple[str, Stage]]:
+        return iter(self.stages)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        """Every stage's columns for every row; rejected rows carry ``_error``."""
+        frame = batch.reset_index(drop=True)
+        for _, stage in self.stages:
+            frame = stage(frame)
+        return frame
+
+    def predict(self, batch: pd.DataFrame) -> pd.DataFrame:
+        """One prediction per row: id, score, label, reasons, model, error."""
+        return predictions(self(batch), self.spec)
+
+
+def predictions(frame: pd.DataFrame, spec: PipelineSpec) -> pd.DataFrame:
+    """The caller-facing columns of a pipeline's output, the same in every runtime."""
+    id_field = spec.request.id_field
+    out = pd.DataFrame({id_field: frame[id_field]} if id_field in frame else {}, index=frame.index)
+    for col in OUTPUT_COLUMNS:
+        out[col] = frame.get(col)
+    error = frame[ERROR_COLUMN] if ERROR_COLUMN in frame else pd.Series(None, index=frame.index)
+    out["error"] = error.astype(object).where(error.notna(), None)
+    return out
+
+
+def records(predicted: pd.DataFrame) -> list[dict[str, Any]]:
+    """JSON-ready dicts: NaN becomes null, numpy scalars become Python ones."""
+    rows = predicted.astype(object).where(predicted.notna(), None).to_dict(orient="records")
+    return [{str(k): _plain(v) for k, v in row.items()} for row in rows]
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return [_plain(x) for x in v.tolist()]
+    if isinstance(v, list):
+        return [_plain(x) for x in v]
+    if isinstance(v, pd.Timestamp):
+        return v.isoformat()
+    return v

@@ -1,0 +1,461 @@
+"""The pipeline spec: one YAML file that drives every runtime.
+
+Every model here is frozen and forbids unknown keys, so a typo in a spec is
+an error that names the YAML path (``stages[1].params``) and its line, not a
+setting silently ignored.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import re
+import sys
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
+
+FieldType = Literal["str", "int", "float", "bool", "category", "datetime"]
+
+
+class SpecError(ValueError):
+    """A pipeline spec is invalid. The message names the file, the YAML path and the line."""
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --------------------------------------------------------------------------- request
+
+
+class FieldSpec(_Config):
+    """One field of the request schema."""
+
+    type: FieldType
+    """The field's type; ``category`` takes one of ``values``."""
+    required: bool | None = None
+    """Whether a record must carry the field. Defaults to True unless ``default`` is set."""
+    default: Any = None
+    """Value used when the field is missing or null (makes the field optional)."""
+    ge: float | None = None
+    """Numeric lower bound, inclusive."""
+    gt: float | None = None
+    """Numeric lower bound, exclusive."""
+    le: float | None = None
+    """Numeric upper bound, inclusive."""
+    lt: float | None = None
+    """Numeric upper bound, exclusive."""
+    values: tuple[str, ...] | None = None
+    """Allowed values of a ``category`` field."""
+    max_length: int | None = Field(default=None, gt=0)
+    """Longest allowed ``str`` value."""
+    description: str = ""
+    """Shown on the OpenAPI page."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FieldSpec:
+        numeric = self.type in ("int", "float")
+        bounds = [b for b in ("ge", "gt", "le", "lt") if getattr(self, b) is not None]
+        if bounds and not numeric:
+            raise ValueError(f"bounds {bounds} only apply to int and float fields, not {self.type}")
+        if self.type == "category" and not self.values:
+            raise ValueError("a category field needs 'values': the list of allowed categories")
+        if self.type != "category" and self.values is not None:
+            raise ValueError("'values' only applies to category fields")
+        if self.max_length is not None and self.type != "str":
+            raise ValueError("'max_length' only applies to str fields")
+        if self.required and self.default is not None:
+            raise ValueError("a field with a default is optional: drop 'required: true'")
+        return self
+
+    @property
+    def is_required(self) -> bool:
+        return self.required if self.required is not None else self.default is None
+
+
+class RequestSchema(_Config):
+    """The fields a prediction request carries, and which one identifies a record."""
+
+    id_field: str
+    """Field echoed back with every prediction (and the key of batch output)."""
+    fields: dict[str, FieldSpec]
+
+    @model_validator(mode="after")
+    def _id_present(self) -> RequestSchema:
+        if self.id_field not in self.fields:
+            raise ValueError(f"id_field {self.id_field!r} is not one of the fields")
+        return self
+
+    def record_model(self, name: str = "Record") -> type[BaseModel]:
+        """The pydantic model of one record: FastAPI validates requests with it."""
+        definitions: dict[str, Any] = {
+            fname: _pydantic_field(fname, f) for fname, f in self.fields.items()
+        }
+        model: type[BaseModel] = create_model(
+            name,
+            __config__=ConfigDict(
+                extra="forbid", coerce_numbers_to_str=True, allow_inf_nan=False, frozen=True
+            ),
+            **definitions,
+        )
+        return model
+
+
+def _pydantic_field(name: str, spec: FieldSpec) -> tuple[Any, Any]:
+    annotation: Any = {
+        "str": str,
+        "int": int,
+        "float": float,
+        "bool": bool,
+        "datetime": datetime,
+    }.get(spec.type)
+    if spec.type == "category":
+        annotation = Literal[tuple(spec.values or ())]
+    constraints: dict[str, Any] = {
+        k: getattr(spec, k)
+        for k in ("ge", "gt", "le", "lt", "max_length")
+        if getattr(spec, k) is not None
+    }
+    if not spec.is_required:
+        annotation = annotation | None
+    default = ... if spec.is_required else spec.default
+    return annotation, Field(default=default, description=spec.description or None, **constraints)
+
+
+# --------------------------------------------------------------------------- features
+
+
+class FeatureSpec(_Config):
+    type: Literal["str", "int", "float", "bool"]
+    default: Any
+    """Value served for an entity the store does not know."""
+
+
+class FeatureViewSpec(_Config):
+    """A table of precomputed features per entity, with an event time."""
+
+    entity: str
+    """Entity key column, e.g. ``customer_id``."""
+    event_time: str = "event_time"
+    """When each row's values became true (point-in-time joins use it)."""
+    source: str | None = None
+    """Parquet file or folder of the offline table; default ``<home>/features/<view>``."""
+    features: dict[str, FeatureSpec]
+
+
+class OnlineStoreSpec(_Config):
+    kind: Literal["memory"] = "memory"
+    """``memory``: an in-process table loaded from the materialized snapshot."""
+
+
+class FeatureStoreSpec(_Config):
+    online: OnlineStoreSpec = OnlineStoreSpec()
+    views: dict[str, FeatureViewSpec] = {}
+
+
+# --------------------------------------------------------------------------- stages
+
+
+class AutoscalingSpec(_Config):
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    target_ongoing_requests: float = Field(default=2.0, gt=0)
+    upscale_delay_s: float = Field(default=3.0, ge=0)
+    downscale_delay_s: float = Field(default=30.0, ge=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
+class BatchingSpec(_Config):
+    max_size: int = Field(default=64, ge=1)
+    """Most requests merged into one call of the stage."""
+    wait_ms: float = Field(default=2.0, ge=0)
+    """Longest a request waits for others to share its batch."""
+
+
+class StageServeSpec(_Config):
+    """How the stage runs as a Ray Serve deployment."""
+
+    num_cpus: float = Field(default=0.25, gt=0)
+    autoscaling: AutoscalingSpec = AutoscalingSpec()
+    max_ongoing_requests: int = Field(default=64, ge=1)
+    max_queued_requests: int = Field(default=256, ge=-1)
+    batch: BatchingSpec | None = BatchingSpec()
+
+
+class StageBatchSpec(_Config):
+    """How the stage runs in a Ray Data job."""
+
+    batch_size: int = Field(default=4096, ge=1)
+    actors: tuple[int, int] = (1, 2)
+    """Actor pool size (min, max) for stateful stages."""
+    num_cpus: float = Field(default=0.5, gt=0)
+
+    @field_validator("actors", mode="before")
+    @classmethod
+    def _one_or_two(cls, v: Any) -> Any:
+        return (v, v) if isinstance(v, int) else v
+
+    @model_validator(mode="after")
+    def _order(self) -> StageBatchSpec:
+        lo, hi = self.actors
+        if not 1 <= lo <= hi:
+            raise ValueError("actors must be [min, max] with 1 <= min <= max")
+        return self
+
+
+_USES = re.compile(r"^[^:\s]+:[A-Za-z_][A-Za-z0-9_]*$")
+_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
+
+
+class StageSpec(_Config):
+    name: str
+    """Unique within the pipeline; also the Serve deployment's name."""
+    uses: str
+    """``package.module:Class``, or ``path/to/file.py:Class`` relative to the spec file."""
+    params: dict[str, Any] = {}
+    """Keyword arguments for the class's ``__init__``."""
+    serve: StageServeSpec = StageServeSpec()
+    batch: StageBatchSpec = StageBatchSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v) or v == "validate":
+            raise ValueError(
+                "stage names are lower-case letters, digits, '_' or '-', starting with a letter"
+                " ('validate' is reserved)"
+            )
+        return v
+
+    @field_validator("uses")
+    @classmethod
+    def _uses(cls, v: str) -> str:
+        if not _USES.match(v):
+            raise ValueError("expected 'package.module:ClassName' or 'path/to/file.py:ClassName'")
+        return v
+
+
+class ServeAppSpec(_Config):
+    """Options of the online application as a whole."""
+
+    fuse: tuple[tuple[str, ...], ...] = ()
+    """Groups of adjacent stages that share one deployment (fewer hops)."""
+    max_records: int = Field(default=1000, ge=1)
+    """Most records one request may carry."""
+
+
+class PipelineSpec(_Config):
+    name: str
+    description: str = ""
+    request: RequestSchema
+    features: FeatureStoreSpec = FeatureStoreSpec()
+    stages: tuple[StageSpec, ...] = Field(min_length=1)
+    serve: ServeAppSpec = ServeAppSpec()
+
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @model_validator(mode="after")
+    def _stage_names(self) -> PipelineSpec:
+        names = [s.name for s in self.stages]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"stage names must be unique; repeated: {dupes}")
+        order = {n: i for i, n in enumerate(names)}
+        seen: set[str] = set()
+        for group in self.serve.fuse:
+            unknown = [n for n in group if n not in order]
+            if unknown:
+                raise ValueError(f"serve.fuse names unknown stage(s) {unknown}; stages: {names}")
+            idx = sorted(order[n] for n in group)
+            if idx != list(range(idx[0], idx[0] + len(idx))):
+                raise ValueError(f"serve.fuse group {list(group)} is not a run of adjacent stages")
+            if seen & set(group):
+                raise ValueError(f"serve.fuse lists a stage twice: {sorted(seen & set(group))}")
+            seen |= set(group)
+        return self
+
+    @property
+    def base_dir(self) -> Path:
+        """Folder of the spec file: relative paths in the spec resolve against it."""
+        return self._base_dir
+
+    def stage(self, name: str) -> StageSpec:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_spec(path: str | Path, *, check_stages: bool = True) -> PipelineSpec:
+    """Read and validate a pipeline spec file.
+
+    With ``check_stages`` every ``uses:`` is imported and its ``params`` are
+    bound against the class's ``__init__``, so a broken stage fails here,
+    naming its YAML path, rather than on the first request.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read the pipeline spec: {e.strerror or e}") from None
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: a pipeline spec is a YAML mapping (name, request, stages)")
+    try:
+        spec = PipelineSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(_format_errors(path, node, e)) from None
+    spec._base_dir = path.resolve().parent
+    if check_stages:
+        for i, stage in enumerate(spec.stages):
+            try:
+                cls = resolve_class(stage.uses, spec.base_dir)
+                check_params(cls, stage.params)
+            except SpecError as e:
+                loc: tuple[str | int, ...] = ("stages", i, "uses")
+                if isinstance(e, _ParamsError):
+                    loc = ("stages", i, "params")
+                raise SpecError(f"{path}: {_where(loc, node)}: {e}") from None
+    return spec
+
+
+def _format_errors(path: Path, node: yaml.Node | None, error: ValidationError) -> str:
+    lines = []
+    for err in error.errors():
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see the spec reference in the README)"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"{_where(loc, node)}: {msg}")
+    plural = "s" if len(lines) > 1 else ""
+    return f"{path}: invalid pipeline spec ({len(lines)} error{plural}):\n  " + "\n  ".join(lines)
+
+
+def _where(loc: tuple[str | int, ...], node: yaml.Node | None) -> str:
+    """``('stages', 1, 'uses')`` -> ``stages[1].uses (line 14)``."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    line = _line_of(loc, node)
+    text = text or "(top level)"
+    return f"{text} (line {line})" if line else text
+
+
+def _line_of(loc: tuple[str | int, ...], node: yaml.Node | None) -> int | None:
+    found = node
+    for part in loc:
+        nxt: yaml.Node | None = None
+        if isinstance(found, yaml.MappingNode):
+            for k, v in found.value:
+                if k.value == str(part):
+                    nxt = v if part != loc[-1] else k
+                    break
+        elif (
+            isinstance(found, yaml.SequenceNode)
+            and isinstance(part, int)
+            and part < len(found.value)
+        ):
+            nxt = found.value[part]
+        if nxt is None:
+            break
+        found = nxt
+    return found.start_mark.line + 1 if found is not None else None
+
+
+class _ParamsError(SpecError):
+    pass
+
+
+def resolve_class(uses: str, base_dir: Path | None = None) -> type:
+    """Import ``module:Class`` or ``file.py:Class`` (relative to ``base_dir``)."""
+    module_name, _, class_name = uses.rpartition(":")
+    try:
+        if module_name.endswith(".py"):
+            file = Path(module_name)
+            if not file.is_absolute():
+                file = (base_dir or Path.cwd()) / file
+            module = _import_file(file)
+        else:
+            module = importlib.import_module(module_name)
+    except SpecError:
+        raise
+    except Exception as e:  # an import runs arbitrary user code: report whatever it raised
+        raise SpecError(f"cannot import {uses!r}: {type(e).__name__}: {e}") from None
+    cls = getattr(module, class_name, None)
+    if not isinstance(cls, type):
+        raise SpecError(
+            f"cannot import {uses!r}: module {module.__name__!r} has no class {class_name!r}"
+        )
+    if not callable(getattr(cls, "__call__", None)):  # noqa: B004 - a class is always callable
+        raise SpecError(f"{uses!r} is not a stage: it has no __call__(batch) method")
+    return cls
+
+
+def _import_file(file: Path) -> Any:
+    if not file.is_file():
+        raise SpecError(f"cannot import stage file {str(file)!r}: no such file")
+    name = "stageline_user_" + re.sub(r"\W", "_", str(file.resolve().with_suffix("")))
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, file)
+    if spec is None or spec.loader is None:
+        raise SpecError(f"cannot import stage file {str(file)!r}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def accepts(cls: type, keyword: str) -> bool:
+    """Whether ``cls(...)`` takes ``keyword`` (explicitly or through ``**kwargs``)."""
+    params = inspect.signature(cls).parameters
+    return keyword in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def check_params(cls: type, params: Mapping[str, Any]) -> None:
+    """Bind the spec's params to the class's ``__init__`` without constructing it."""
+    try:
+        sig = inspect.signature(cls)
+    except (TypeError, ValueError):
+        return
+    injected = {k: None for k in ("context",) if k in sig.parameters}
+    try:
+        sig.bind(**params, **injected)
+    except TypeError as e:
+        expected = [p for p in sig.parameters if p not in ("context", "self")]
+        raise _ParamsError(
+            f"params do not fit {cls.__name__}: {e} (it takes: {', '.join(expected) or 'nothing'})"
+        ) from None

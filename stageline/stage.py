@@ -1,0 +1,179 @@
+"""The stage contract: a plain class, constructed once, called on DataFrames.
+
+A stage receives a DataFrame of any length (one row online, thousands in
+batch) and returns one with the same rows in the same order, with columns
+added. Ray Serve and Ray Data both run stage classes unchanged; nothing in
+this module knows about either.
+
+Row-level failures never fail a whole batch: the stage writes a reason into
+the ``_error`` column (``"<stage>: <reason>"``) and every later stage passes
+that row through untouched. :class:`BaseStage` implements that convention so
+a stage only writes its vectorized ``process``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+import pandas as pd
+
+ERROR_COLUMN = "_error"
+"""Column holding ``"<stage>: <reason>"`` for a row a stage rejected, else null."""
+
+
+class StageError(Exception):
+    """A stage cannot run at all (missing columns, a resource that failed to load)."""
+
+
+class MissingColumnsError(StageError):
+    """A batch lacks columns a stage declares it requires."""
+
+    def __init__(self, stage: str, missing: Sequence[str], present: Iterable[str]) -> None:
+        self.stage = stage
+        self.missing = list(missing)
+        super().__init__(
+            f"stage {stage!r} needs column(s) {', '.join(map(repr, self.missing))} "
+            f"that the batch does not have (it has: {', '.join(sorted(map(str, present)))}); "
+            "check that an earlier stage in the spec provides them"
+        )
+
+
+@runtime_checkable
+class Stage(Protocol):
+    """What every stage is. ``__init__(**params)`` loads resources once."""
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        """Return ``batch`` with this stage's columns added; same rows, same order."""
+        ...
+
+
+def check_columns(stage: str, batch: pd.DataFrame, required: Iterable[str]) -> None:
+    """Raise :class:`MissingColumnsError` naming ``stage`` if ``batch`` lacks any column."""
+    missing = [c for c in required if c not in batch.columns]
+    if missing:
+        raise MissingColumnsError(stage, missing, batch.columns)
+
+
+def error_mask(batch: pd.DataFrame) -> np.ndarray[Any, np.dtype[np.bool_]]:
+    """Boolean array: True where a row was marked bad by some stage."""
+    if ERROR_COLUMN not in batch.columns:
+        return np.zeros(len(batch), dtype=bool)
+    return np.asarray(batch[ERROR_COLUMN].notna(), dtype=bool)
+
+
+def mark_errors(
+    batch: pd.DataFrame,
+    mask: np.ndarray[Any, np.dtype[np.bool_]] | pd.Series[bool],
+    stage: str,
+    reasons: str | Sequence[str] | np.ndarray[Any, Any] | pd.Series[str],
+) -> pd.DataFrame:
+    """Mark rows where ``mask`` is True with ``"<stage>: <reason>"``, in place.
+
+    The first reason a row receives wins: a row already marked keeps its
+    reason, so the quarantine shows the earliest failure.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if ERROR_COLUMN not in batch.columns:
+        batch[ERROR_COLUMN] = pd.Series([None] * len(batch), index=batch.index, dtype=object)
+    if not mask.any():
+        return batch
+    fresh = mask & ~error_mask(batch)
+    if isinstance(reasons, str):
+        values: Any = f"{stage}: {reasons}"
+    else:
+        full = np.asarray(list(reasons), dtype=object)
+        if len(full) != len(batch):
+            raise ValueError("reasons must be one string or one per row of the batch")
+        values = np.array([f"{stage}: {r}" for r in full[fresh]], dtype=object)
+    column = batch[ERROR_COLUMN].astype(object).to_numpy(copy=True)
+    column[fresh] = values
+    batch[ERROR_COLUMN] = column
+    return batch
+
+
+def split_error(error: str) -> tuple[str, str]:
+    """``"features: customer_id: required"`` -> ``("features", "customer_id: required")``."""
+    stage, _, reason = error.partition(": ")
+    return stage, reason
+
+
+class BaseStage:
+    """Convenience base for stages: column checks and error pass-through.
+
+    Subclasses set ``requires`` / ``provides`` (or override the properties)
+    and implement :meth:`process`, which only ever sees rows no earlier stage
+    marked bad. A user's stage need not subclass this: any class meeting
+    :class:`Stage` works the same in every runtime.
+    """
+
+    requires: ClassVar[tuple[str, ...]] = ()
+    provides: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, *, name: str | None = None) -> None:
+        self.name = name or type(self).__name__
+
+    def required_columns(self) -> Sequence[str]:
+        return self.requires
+
+    def provided_columns(self) -> Sequence[str]:
+        return self.provides
+
+    def process(self, batch: pd.DataFrame) -> pd.DataFrame:
+        """Vectorized work on rows that are still good. May mark rows bad."""
+        raise NotImplementedError
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        check_columns(self.name, batch, self.required_columns())
+        bad = error_mask(batch)
+        if not bad.any():
+            out = self.process(batch.reset_index(drop=True))
+            out.index = batch.index
+        else:
+            out = _process_good_rows(self, batch, bad)
+        check_columns(self.name, out, self.provided_columns())
+        if len(out) != len(batch):
+            raise StageError(
+                f"stage {self.name!r} returned {len(out)} rows for {len(batch)}: "
+                "a stage must return one row per input row, in order"
+            )
+        return out
+
+
+def _process_good_rows(
+    stage: BaseStage, batch: pd.DataFrame, bad: np.ndarray[Any, np.dtype[np.bool_]]
+) -> pd.DataFrame:
+    """Run ``stage.process`` on the good rows only and put the batch back together.
+
+    Bad rows keep every value they had; columns the stage adds are null for them.
+    """
+    good_idx = np.flatnonzero(~bad)
+    out = batch.copy()
+    if len(good_idx) == 0:
+        for col in stage.provided_columns():
+            if col not in out.columns:
+                out[col] = None
+        return out
+    processed = stage.process(batch.iloc[good_idx].reset_index(drop=True))
+    for col in processed.columns:
+        values = processed[col]
+        if col in out.columns and col != ERROR_COLUMN and values.dtype == out[col].dtype:
+            column = out[col].to_numpy(copy=True)
+            column[good_idx] = values.to_numpy()
+            out[col] = column
+            continue
+        full = pd.Series([None] * len(batch), dtype=object)
+        full.iloc[good_idx] = values.astype(object).to_numpy()
+        if values.dtype.kind in "fiu":
+            full = full.astype("float64")
+        elif values.dtype.kind == "b":
+            full = full.astype("boolean")
+        elif values.dtype.kind == "M":
+            full = pd.to_datetime(full, utc=True)
+        full.index = batch.index
+        if col == ERROR_COLUMN:
+            prior = batch[ERROR_COLUMN].to_numpy()
+            full = full.astype(object).where(~bad, prior)
+        out[col] = full
+    return out

@@ -1,0 +1,1 @@
+"""Built-in stages. Import them by path in a spec: ``stageline.stages.model:XGBoostPredictor``."""

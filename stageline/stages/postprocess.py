@@ -1,0 +1,45 @@
+"""Decision: turn a score into the label, reasons and model identity a caller gets."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from stageline.context import StageContext
+from stageline.stage import BaseStage
+
+OUTPUT_COLUMNS = ("score", "label", "reasons", "model_name", "model_version")
+"""What every prediction carries besides the record's id."""
+
+
+class Decision(BaseStage):
+    """``label = score >= threshold``; the threshold is the model version's own
+    (chosen at training and stored with it) unless the spec pins one."""
+
+    def __init__(
+        self, *, context: StageContext, score: str = "score", threshold: float | None = None
+    ) -> None:
+        super().__init__(name=context.stage_name)
+        self.score = score
+        self.threshold = threshold
+
+    def required_columns(self) -> tuple[str, ...]:
+        return (
+            self.score,
+            f"{self.score}_threshold",
+            f"{self.score}_model",
+            f"{self.score}_version",
+        )
+
+    provides = OUTPUT_COLUMNS
+
+    def process(self, batch: pd.DataFrame) -> pd.DataFrame:
+        s = self.score
+        out = batch.copy()
+        threshold = batch[f"{s}_threshold"] if self.threshold is None else self.threshold
+        out["score"] = batch[s].astype("float64")
+        out["label"] = (batch[s] >= threshold).to_numpy()
+        reasons = batch.get(f"{s}_reasons")
+        out["reasons"] = list(reasons) if reasons is not None else [[] for _ in range(len(batch))]
+        out["model_name"] = batch[f"{s}_model"].astype(object)
+        out["model_version"] = batch[f"{s}_version"].astype("int64")
+        return out

@@ -1,0 +1,139 @@
+"""On-demand transforms and category encodings: one code path for training,
+online serving and batch, so training/serving skew cannot arise.
+
+A transform is a plain function ``DataFrame -> DataFrame of new columns``,
+declared with :func:`on_demand` so stages can check columns. Training calls
+the same function (through the same stage) that serving calls.
+
+Category encodings are *fitted* at training and stored with the model
+version; :func:`apply_encoders` is the one function that applies them, at
+training and in :class:`~stageline.stages.model.XGBoostPredictor`. Encoders
+travel with the model so a model can never be fed another version's codes.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from stageline.context import StageContext
+from stageline.spec import SpecError
+from stageline.stage import BaseStage, mark_errors
+
+TransformFn = Callable[[pd.DataFrame], pd.DataFrame]
+
+
+@dataclass(frozen=True)
+class OnDemand:
+    """A transform function with the columns it reads and writes."""
+
+    fn: TransformFn
+    requires: tuple[str, ...]
+    provides: tuple[str, ...]
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        return self.fn(batch)
+
+
+def on_demand(
+    *, requires: Sequence[str], provides: Sequence[str]
+) -> Callable[[TransformFn], OnDemand]:
+    """Declare a transform: ``@on_demand(requires=[...], provides=[...])``."""
+
+    def wrap(fn: TransformFn) -> OnDemand:
+        return OnDemand(fn, tuple(requires), tuple(provides))
+
+    return wrap
+
+
+def load_transform(path: str) -> OnDemand:
+    """Import ``package.module:function`` (a function decorated with :func:`on_demand`)."""
+    module_name, _, attr = path.rpartition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise SpecError(f"cannot import transform {path!r}: {e}") from None
+    fn = getattr(module, attr, None)
+    if not isinstance(fn, OnDemand):
+        raise SpecError(
+            f"{path!r} is not a transform: decorate it with @on_demand(requires=, provides=)"
+        )
+    return fn
+
+
+class OnDemandTransform(BaseStage):
+    """Computes request-time features with a declared transform function.
+
+    Rows whose numeric outputs are not finite (say, a ratio over a zero) are
+    marked bad rather than fed to the model.
+    """
+
+    def __init__(self, *, function: str, context: StageContext) -> None:
+        super().__init__(name=context.stage_name)
+        self.transform = load_transform(function)
+
+    def required_columns(self) -> tuple[str, ...]:
+        return self.transform.requires
+
+    def provided_columns(self) -> tuple[str, ...]:
+        return self.transform.provides
+
+    def process(self, batch: pd.DataFrame) -> pd.DataFrame:
+        new = self.transform(batch)
+        out = batch.copy()
+        for col in new.columns:
+            out[col] = new[col].to_numpy()
+        numeric = [c for c in new.columns if new[c].dtype.kind in "fc"]
+        if numeric:
+            values = new[numeric].to_numpy(dtype="float64")
+            broken = ~np.isfinite(values)
+            rows = broken.any(axis=1)
+            if rows.any():
+                names = np.array(numeric, dtype=object)
+                reasons = np.full(len(out), "", dtype=object)
+                for i in np.flatnonzero(rows):
+                    reasons[i] = f"{', '.join(names[broken[i]])} is not a finite number"
+                mark_errors(out, rows, self.name, reasons)
+        return out
+
+
+# --------------------------------------------------------------------------- encoders
+
+
+def fit_encoders(frame: pd.DataFrame, columns: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Fit an ordinal encoder per categorical column (categories sorted, so stable)."""
+    return {
+        col: {
+            "kind": "ordinal",
+            "output": f"{col}_code",
+            "categories": sorted(str(v) for v in frame[col].dropna().unique()),
+        }
+        for col in columns
+    }
+
+
+def encoder_inputs(encoders: Mapping[str, Mapping[str, Any]]) -> tuple[str, ...]:
+    return tuple(encoders)
+
+
+def encoder_outputs(encoders: Mapping[str, Mapping[str, Any]]) -> tuple[str, ...]:
+    return tuple(str(e["output"]) for e in encoders.values())
+
+
+def apply_encoders(frame: pd.DataFrame, encoders: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    """Add each encoder's output column; a category unseen at training becomes NaN
+    (XGBoost's missing value), not an error."""
+    out = frame.copy()
+    for col, enc in encoders.items():
+        if enc.get("kind") != "ordinal":
+            raise ValueError(f"unknown encoder kind {enc.get('kind')!r} for column {col!r}")
+        categories = pd.Index(enc["categories"])
+        codes = categories.get_indexer(frame[col].astype(object).to_numpy()).astype("float64")
+        codes[codes < 0] = np.nan
+        out[str(enc["output"])] = codes
+    return out
