@@ -104,21 +104,27 @@ def build_parser() -> argparse.ArgumentParser:
         "registry", "list, show and alias registered models", "The local model registry."
     )
     rsub = registry.add_subparsers(title="registry commands", metavar="ACTION")
-    rlist = rsub.add_parser("list", help="every model version with its aliases and metrics")
+
+    def action(name: str, help: str) -> argparse.ArgumentParser:
+        return rsub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
+
+    rlist = action("list", "every model version with its aliases and metrics")
     rlist.set_defaults(func=cmd_registry_list)
-    rshow = rsub.add_parser("show", help="one version's metadata as JSON")
+    rshow = action("show", "one version's metadata as JSON")
     rshow.add_argument("model", help="NAME, NAME@ALIAS or NAME@VERSION (default alias: champion)")
     rshow.set_defaults(func=cmd_registry_show)
-    ralias = rsub.add_parser(
-        "alias", help="point an alias (champion, challenger, ...) at a version"
-    )
-    ralias.add_argument("name")
-    ralias.add_argument("alias")
-    ralias.add_argument("version", type=_positive)
+    ralias = action("alias", "point an alias (champion, challenger, ...) at a version")
+    ralias.add_argument("name", help="model name, e.g. fraud")
+    ralias.add_argument("alias", help="alias to point, e.g. champion or challenger")
+    ralias.add_argument("version", type=_positive, help="version number it should point at")
     ralias.set_defaults(func=cmd_registry_alias)
     for p in (rlist, rshow, ralias):
         # SUPPRESS: a subparser's default would overwrite a --home given before the action.
-        p.add_argument("--home", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        p.add_argument(
+            "--home",
+            default=argparse.SUPPRESS,
+            help=f"stageline home (default: ${HOME_ENV} or ./.stageline)",
+        )
     registry.set_defaults(func=lambda _a: _usage(registry))
 
     mat = add(
@@ -226,7 +232,9 @@ def read_records(path: Path) -> pd.DataFrame:
     if suffix == ".csv":
         return pd.read_csv(path)
     if suffix in (".jsonl", ".ndjson"):
-        return pd.read_json(path, lines=True, dtype=False, convert_dates=False)
+        # Plain JSON records, as an HTTP client sends them: no pandas type guessing.
+        with path.open() as f:
+            return pd.DataFrame.from_records([json.loads(line) for line in f if line.strip()])
     if suffix == ".json":
         data = json.loads(path.read_text())
         rows = data.get("records", data) if isinstance(data, dict) else data

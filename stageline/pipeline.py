@@ -12,7 +12,7 @@ import pandas as pd
 
 from stageline.context import StageContext, resolve_home, stage_factory
 from stageline.spec import PipelineSpec, StageSpec, load_spec
-from stageline.stage import ERROR_COLUMN, Stage, StageError
+from stageline.stage import ERROR_COLUMN, Stage, StageError, check_rows
 from stageline.stages.postprocess import OUTPUT_COLUMNS
 from stageline.stages.validate import ValidateRequest
 
@@ -51,11 +51,14 @@ class Pipeline:
         return iter(self.stages)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        """Every stage's columns for every row; rejected rows carry ``_error``."""
+        """Every stage's columns for every row, on the caller's index; rejected rows carry
+        ``_error``. A stage that drops or adds rows (a plain class may) is a StageError."""
         frame = batch.reset_index(drop=True)
-        for _, stage in self.stages:
-            frame = stage(frame)
-        return frame
+        for name, stage in self.stages:
+            out = stage(frame)
+            check_rows(name, len(frame), out)
+            frame = out
+        return frame.set_axis(batch.index)
 
     def predict(self, batch: pd.DataFrame) -> pd.DataFrame:
         """One prediction per row: id, score, label, reasons, model, error."""

@@ -10,16 +10,19 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import math
 import re
 import sys
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -34,6 +37,14 @@ FieldType = Literal["str", "int", "float", "bool", "category", "datetime"]
 
 class SpecError(ValueError):
     """A pipeline spec is invalid. The message names the file, the YAML path and the line."""
+
+
+class _LocatedError(ValueError):
+    """A whole-spec check that knows which YAML path it is about (pydantic cannot say)."""
+
+    def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
 
 
 class _Config(BaseModel):
@@ -116,25 +127,68 @@ class RequestSchema(_Config):
         return model
 
 
+DATETIME_MIN = datetime(1678, 1, 1, tzinfo=timezone.utc)
+DATETIME_MAX = datetime(2262, 1, 1, tzinfo=timezone.utc)
+"""Datetime fields take values in ``[DATETIME_MIN, DATETIME_MAX)``: what a pandas
+nanosecond timestamp can hold, so every runtime accepts the same records."""
+
+INT_LIMIT = 2**63
+"""Int fields take values in ``(-INT_LIMIT, INT_LIMIT)``: what an int64 column can hold."""
+
+
+def datetime_in_range(value: datetime) -> bool:
+    """Whether ``value`` (naive means UTC) lies in ``[DATETIME_MIN, DATETIME_MAX)``."""
+    aware = value if value.utcoffset() is not None else value.replace(tzinfo=timezone.utc)
+    return DATETIME_MIN <= aware < DATETIME_MAX
+
+
+def _nan_is_missing(value: Any) -> Any:
+    # NaN is pandas' null: batch cannot tell it from a missing value, so neither may we.
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def _no_bool(value: Any) -> Any:
+    # True is an int to Python; a bool where a number belongs is a client bug.
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true or false")
+    return value
+
+
+def _datetime_range(value: datetime) -> datetime:
+    if not datetime_in_range(value):
+        raise ValueError(
+            f"must be between {DATETIME_MIN:%Y-%m-%d} and {DATETIME_MAX:%Y-%m-%d} (exclusive)"
+        )
+    return value
+
+
 def _pydantic_field(name: str, spec: FieldSpec) -> tuple[Any, Any]:
-    annotation: Any = {
-        "str": str,
-        "int": int,
-        "float": float,
-        "bool": bool,
-        "datetime": datetime,
-    }.get(spec.type)
-    if spec.type == "category":
-        annotation = Literal[tuple(spec.values or ())]
+    """Annotation and default of one record field: the rules ``validate_frame`` applies too."""
     constraints: dict[str, Any] = {
         k: getattr(spec, k)
         for k in ("ge", "gt", "le", "lt", "max_length")
         if getattr(spec, k) is not None
     }
+    annotation: Any
+    if spec.type == "category":
+        annotation = Literal[tuple(spec.values or ())]
+    elif spec.type == "datetime":
+        annotation = Annotated[datetime, AfterValidator(_datetime_range)]
+    elif spec.type == "int":
+        # Constraints before validators, or the JSON schema loses minimum/maximum.
+        annotation = Annotated[
+            int, Field(gt=-INT_LIMIT, lt=INT_LIMIT), Field(**constraints), BeforeValidator(_no_bool)
+        ]
+    elif spec.type == "float":
+        annotation = Annotated[float, Field(**constraints), BeforeValidator(_no_bool)]
+    else:
+        annotation = Annotated[{"str": str, "bool": bool}[spec.type], Field(**constraints)]
     if not spec.is_required:
         annotation = annotation | None
     default = ... if spec.is_required else spec.default
-    return annotation, Field(default=default, description=spec.description or None, **constraints)
+    return Annotated[annotation, BeforeValidator(_nan_is_missing)], Field(
+        default=default, description=spec.description or None
+    )
 
 
 # --------------------------------------------------------------------------- features
@@ -277,20 +331,30 @@ class PipelineSpec(_Config):
     @model_validator(mode="after")
     def _stage_names(self) -> PipelineSpec:
         names = [s.name for s in self.stages]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"stage names must be unique; repeated: {dupes}")
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise _LocatedError(
+                    ("stages", i, "name"),
+                    f"stage names must be unique; {name!r} is already stages[{names.index(name)}]",
+                )
         order = {n: i for i, n in enumerate(names)}
         seen: set[str] = set()
-        for group in self.serve.fuse:
+        for g, group in enumerate(self.serve.fuse):
+            where = ("serve", "fuse", g)
             unknown = [n for n in group if n not in order]
             if unknown:
-                raise ValueError(f"serve.fuse names unknown stage(s) {unknown}; stages: {names}")
+                raise _LocatedError(
+                    where, f"serve.fuse names unknown stage(s) {unknown}; stages: {names}"
+                )
             idx = sorted(order[n] for n in group)
             if idx != list(range(idx[0], idx[0] + len(idx))):
-                raise ValueError(f"serve.fuse group {list(group)} is not a run of adjacent stages")
+                raise _LocatedError(
+                    where, f"serve.fuse group {list(group)} is not a run of adjacent stages"
+                )
             if seen & set(group):
-                raise ValueError(f"serve.fuse lists a stage twice: {sorted(seen & set(group))}")
+                raise _LocatedError(
+                    where, f"serve.fuse lists a stage twice: {sorted(seen & set(group))}"
+                )
             seen |= set(group)
         return self
 
@@ -350,6 +414,9 @@ def _format_errors(path: Path, node: yaml.Node | None, error: ValidationError) -
     lines = []
     for err in error.errors():
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, _LocatedError):
+            loc += cause.loc
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see the spec reference in the README)"

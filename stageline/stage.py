@@ -56,6 +56,15 @@ def check_columns(stage: str, batch: pd.DataFrame, required: Iterable[str]) -> N
         raise MissingColumnsError(stage, missing, batch.columns)
 
 
+def check_rows(stage: str, rows: int, out: pd.DataFrame) -> None:
+    """Raise :class:`StageError` naming ``stage`` unless ``out`` has ``rows`` rows."""
+    if len(out) != rows:
+        raise StageError(
+            f"stage {stage!r} returned {len(out)} rows for {rows}: "
+            "a stage must return one row per input row, in order"
+        )
+
+
 def error_mask(batch: pd.DataFrame) -> np.ndarray[Any, np.dtype[np.bool_]]:
     """Boolean array: True where a row was marked bad by some stage."""
     if ERROR_COLUMN not in batch.columns:
@@ -129,15 +138,12 @@ class BaseStage:
         bad = error_mask(batch)
         if not bad.any():
             out = self.process(batch.reset_index(drop=True))
+            check_rows(self.name, len(batch), out)
             out.index = batch.index
         else:
             out = _process_good_rows(self, batch, bad)
         check_columns(self.name, out, self.provided_columns())
-        if len(out) != len(batch):
-            raise StageError(
-                f"stage {self.name!r} returned {len(out)} rows for {len(batch)}: "
-                "a stage must return one row per input row, in order"
-            )
+        check_rows(self.name, len(batch), out)
         return out
 
 
@@ -156,6 +162,7 @@ def _process_good_rows(
                 out[col] = None
         return out
     processed = stage.process(batch.iloc[good_idx].reset_index(drop=True))
+    check_rows(stage.name, len(good_idx), processed)
     for col in processed.columns:
         values = processed[col]
         if col in out.columns and col != ERROR_COLUMN and values.dtype == out[col].dtype:

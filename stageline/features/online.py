@@ -81,9 +81,10 @@ class MemoryOnlineStore:
         table = self._table(view)
         positions = table.index.get_indexer(pd.Index(keys.astype(str)))
         found = positions >= 0
-        values = table.iloc[np.where(found, positions, 0)].reset_index(drop=True)
-        if len(table) == 0:
+        if len(table) == 0:  # no entity yet: every key gets the defaults
             values = pd.DataFrame(index=range(len(keys)))
+        else:
+            values = table.iloc[np.where(found, positions, 0)].reset_index(drop=True)
         out = with_defaults(values, view, spec, found)
         out.index = keys.index
         return out

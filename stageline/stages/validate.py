@@ -10,21 +10,39 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from pydantic import TypeAdapter, ValidationError
 
 from stageline.context import StageContext
-from stageline.spec import FieldSpec, RequestSchema
+from stageline.spec import (
+    DATETIME_MAX,
+    DATETIME_MIN,
+    INT_LIMIT,
+    FieldSpec,
+    RequestSchema,
+    datetime_in_range,
+)
 from stageline.stage import ERROR_COLUMN, BaseStage, error_mask, mark_errors
 
 RAW_COLUMN = "_raw"
 """For a row this stage rejects: the record as it arrived (JSON), for the quarantine."""
 
 Mask = np.ndarray[Any, np.dtype[np.bool_]]
-_TRUE = {"true", "1", "yes", "y", "t"}
-_FALSE = {"false", "0", "no", "n", "f"}
+
+# Python values (an object column: JSON records, a CSV column with text in it) are
+# parsed by the very parsers the online record model uses, so both accept the same.
+_PARSE: dict[str, TypeAdapter[Any]] = {
+    "bool": TypeAdapter(bool),
+    "int": TypeAdapter(int),
+    "float": TypeAdapter(float),
+    "datetime": TypeAdapter(datetime),
+}
+_MS_WATERSHED = 2e10
+"""Like pydantic: a number beyond this many seconds from 1970 is in milliseconds."""
 
 
 class ValidateRequest(BaseStage):
@@ -106,23 +124,29 @@ def _coerce(raw: pd.Series[Any], field: FieldSpec) -> tuple[pd.Series[Any], Mask
     n = len(raw)
     nullable = not field.is_required and field.default is None
     if kind in ("int", "float"):
-        source = raw.astype(object).map(_no_bool) if raw.dtype == object else raw
         if raw.dtype.kind == "b":
-            source = pd.Series(np.nan, index=raw.index)
+            source: pd.Series[Any] = pd.Series(np.nan, index=raw.index)
+        elif raw.dtype.kind in "iuf":
+            source = raw
+        else:
+            source = raw.astype(object).map(lambda v: _parse(kind, v))
         num = pd.to_numeric(source, errors="coerce").astype("float64")
         bad = np.asarray(num.isna() | ~np.isfinite(num.fillna(0.0)), dtype=bool)
         if kind == "float":
             return num, bad, "must be a finite number"
         fractional = np.asarray((num % 1 != 0) & ~num.isna(), dtype=bool)
-        bad = bad | fractional
+        bad = bad | fractional | np.asarray(num.abs() >= INT_LIMIT, dtype=bool)
         if nullable:
             return num.where(~pd.Series(bad, index=raw.index)), bad, "must be an integer"
-        return num.fillna(0).astype("int64"), bad, "must be an integer"
+        # Rejected rows hold 0, not whatever an out-of-range value wraps to.
+        return num.where(~bad, 0).astype("int64"), bad, "must be an integer"
     if kind == "bool":
         if raw.dtype.kind == "b":
             return raw, np.zeros(n, dtype=bool), ""
-        text = raw.astype(object).map(lambda v: str(v).strip().lower() if v is not None else v)
-        truth = text.map(lambda t: True if t in _TRUE else (False if t in _FALSE else None))
+        if raw.dtype.kind in "iuf":
+            truth = raw.map({1: True, 0: False})
+        else:
+            truth = raw.astype(object).map(lambda v: _parse("bool", v))
         bad = np.asarray(truth.isna(), dtype=bool)
         return (
             truth.astype("boolean" if nullable else object)
@@ -133,23 +157,36 @@ def _coerce(raw: pd.Series[Any], field: FieldSpec) -> tuple[pd.Series[Any], Mask
         )
     if kind == "datetime":
         if raw.dtype.kind in "iuf":
-            parsed = pd.to_datetime(raw, unit="s", utc=True, errors="coerce")
+            seconds = raw.astype("float64")
+            seconds = seconds.where(seconds.abs() <= _MS_WATERSHED, seconds / 1000)
+            inside = (seconds >= DATETIME_MIN.timestamp()) & (seconds < DATETIME_MAX.timestamp())
+            parsed = pd.to_datetime(seconds.where(inside), unit="s", utc=True)
         elif raw.dtype.kind == "M":
             parsed = pd.to_datetime(raw, utc=True)
+            parsed = parsed.where((parsed >= DATETIME_MIN) & (parsed < DATETIME_MAX))
         else:
-            parsed = pd.to_datetime(raw.astype(object), utc=True, errors="coerce", format="ISO8601")
+            values = raw.astype(object).map(lambda v: _parse("datetime", v))
+            parsed = pd.to_datetime(values.where(values.notna(), None), utc=True)
         return (
             parsed.astype("datetime64[ns, UTC]"),
             np.asarray(parsed.isna(), dtype=bool),
-            "must be an ISO 8601 date-time",
+            "must be an ISO 8601 date-time between "
+            f"{DATETIME_MIN:%Y-%m-%d} and {DATETIME_MAX:%Y-%m-%d}",
         )
     # str and category
-    if raw.dtype.kind in "iufb":
+    if raw.dtype.kind == "b" or (kind == "category" and raw.dtype.kind in "iuf"):
+        text = raw.astype(object)
+        bad = np.ones(n, dtype=bool)
+    elif raw.dtype.kind in "iuf":
         text = raw.astype(str).where(raw.notna(), None)
         bad = np.zeros(n, dtype=bool)
     else:
-        bad = np.asarray(~raw.map(lambda v: isinstance(v, str) or v is None or v != v), dtype=bool)
-        text = raw
+        # Numbers become their text, as online (coerce_numbers_to_str); a category is text.
+        numbers = (int, float) if kind == "str" else ()
+        text = raw.map(
+            lambda v: str(v) if isinstance(v, numbers) and not isinstance(v, bool) else v
+        )
+        bad = np.asarray(~text.map(lambda v: isinstance(v, str) or v is None or v != v), dtype=bool)
     if kind == "category":
         allowed = list(field.values or ())
         outside = np.asarray(~text.isin(allowed), dtype=bool)
@@ -170,9 +207,17 @@ def _coerce(raw: pd.Series[Any], field: FieldSpec) -> tuple[pd.Series[Any], Mask
     return text, bad, "must be a string"
 
 
-def _no_bool(v: Any) -> Any:
-    # True is an int to Python; a bool where a number belongs is a client bug.
-    return None if isinstance(v, bool) else v
+def _parse(kind: str, v: Any) -> Any:
+    """``v`` as the online record model reads it, or None if it cannot (a bool is no number)."""
+    if v is None or (isinstance(v, bool) and kind != "bool"):
+        return None
+    try:
+        parsed = _PARSE[kind].validate_python(v)
+    except ValidationError:
+        return None
+    if isinstance(parsed, datetime) and not datetime_in_range(parsed):
+        return None
+    return parsed
 
 
 def _got(reason: str) -> Callable[[Any], str]:
@@ -181,6 +226,8 @@ def _got(reason: str) -> Callable[[Any], str]:
 
 
 def _show(v: Any) -> str:
+    if isinstance(v, np.generic):  # a user wants 12, not np.int64(12)
+        v = v.item()
     text = repr(v)
     return text if len(text) <= 60 else text[:57] + "..."
 
