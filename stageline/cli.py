@@ -127,6 +127,25 @@ def build_parser() -> argparse.ArgumentParser:
         )
     registry.set_defaults(func=lambda _a: _usage(registry))
 
+    srv = add(
+        "serve",
+        "serve the pipeline over HTTP with Ray Serve (local Ray on 127.0.0.1)",
+        "Start a local Ray bound to 127.0.0.1 and serve the pipeline: one autoscaling Ray Serve "
+        "deployment per stage behind an HTTP ingress. With --model on an app that is already "
+        "running, move it to that model version in place instead.",
+    )
+    srv.add_argument("--spec", default=DEFAULT_SPEC, help="pipeline spec (default: %(default)s)")
+    srv.add_argument("--host", default="127.0.0.1", help="HTTP host (default: %(default)s)")
+    srv.add_argument(
+        "--port", type=_positive, default=8000, help="HTTP port (default: %(default)s)"
+    )
+    srv.add_argument("--model", help="serve this model, e.g. fraud@challenger or fraud@2")
+    srv.add_argument(
+        "--api-key-file", help="require the API key in this file (or set $STAGELINE_API_KEY)"
+    )
+    srv.add_argument("--num-cpus", type=float, help="logical CPUs for Ray (default: 2 x cores)")
+    srv.set_defaults(func=cmd_serve)
+
     mat = add(
         "materialize",
         "write the latest feature values to the online store",
@@ -301,6 +320,61 @@ def cmd_registry_alias(args: argparse.Namespace) -> int:
     moved = f" (was v{before})" if before is not None and before != args.version else ""
     print(f"{args.name}@{args.alias} -> v{args.version}{moved}")
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    spec, home = load_spec(args.spec), resolve_home(args.home)
+    ensure_demo(spec, home)
+    from serve_app import AppArgs, local
+
+    app_args = AppArgs(
+        spec=args.spec, home=str(home), model=args.model, api_key_file=args.api_key_file
+    )
+    if args.model and local.attach():
+        if local.app_running(spec.name):
+            local.deploy(app_args)
+            print(f"{spec.name}: model stages now serve {args.model}")
+            return 0
+        local.stop()
+        raise CliError(f"a Ray is running here but no {spec.name!r} app: drop --model to start one")
+    print(f"starting Ray and the {spec.name!r} app (one deployment per stage) ...", file=sys.stderr)
+    try:
+        url = local.start(app_args, host=args.host, port=args.port, num_cpus=args.num_cpus)
+        example = example_record(spec, home)
+        print(f"serving {spec.name} at {url}  (docs: {url}/docs)")
+        if example is not None:
+            print(local.example_curl(url, example))
+        print("Ctrl-C to stop", flush=True)
+        _wait_for_signal()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("stopping ...", file=sys.stderr)
+        local.stop()
+    return 0
+
+
+def _wait_for_signal() -> None:
+    """Block until Ctrl-C or SIGTERM (turned into KeyboardInterrupt for a clean stop)."""
+    import signal
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    while True:
+        time.sleep(3600)
+
+
+def example_record(spec: PipelineSpec, home: Path) -> dict[str, object] | None:
+    """One record to show in the example curl: the demo's first held-out row."""
+    holdout = home / "demo" / "holdout.parquet"
+    if not holdout.exists():
+        return None
+    row = pd.read_parquet(holdout).iloc[0]
+    return {
+        f: (row[f].isoformat() if f == "ts" else row[f]) for f in spec.request.fields if f in row
+    }
 
 
 def cmd_materialize(args: argparse.Namespace) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,25 +27,29 @@ def build_stage(spec: PipelineSpec, stage: StageSpec, home: Path) -> Stage:
     return instance
 
 
-class Pipeline:
-    """All stages of a spec, run one after another on a DataFrame, in process.
+class StageChain:
+    """Stages run one after another in one process.
 
-    >>> pipe = Pipeline.from_spec("pipelines/fraud.yaml")   # doctest: +SKIP
-    >>> pipe.predict(pd.DataFrame(records))                 # doctest: +SKIP
+    The unit every runtime executes: the whole in-process :class:`Pipeline`,
+    one Ray Serve deployment (a stage or a fused group), one Ray Data actor.
+    Constructed from plain data, so Ray can ship the arguments anywhere.
     """
 
-    def __init__(self, spec: PipelineSpec, home: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        spec: PipelineSpec,
+        stages: Sequence[str],
+        home: str | os.PathLike[str] | None = None,
+        *,
+        validate: bool = False,
+    ) -> None:
         self.spec = spec
         self.home = resolve_home(home)
-        validate = ValidateRequest(context=StageContext("validate", spec, self.home))
-        self.stages: list[tuple[str, Stage]] = [("validate", validate)]
-        self.stages += [(s.name, build_stage(spec, s, self.home)) for s in spec.stages]
-
-    @classmethod
-    def from_spec(
-        cls, spec: str | os.PathLike[str] | PipelineSpec, home: str | os.PathLike[str] | None = None
-    ) -> Pipeline:
-        return cls(spec if isinstance(spec, PipelineSpec) else load_spec(Path(spec)), home)
+        self.stages: list[tuple[str, Stage]] = []
+        if validate:
+            context = StageContext("validate", spec, self.home)
+            self.stages.append(("validate", ValidateRequest(context=context)))
+        self.stages += [(n, build_stage(spec, spec.stage(n), self.home)) for n in stages]
 
     def __iter__(self) -> Iterator[tuple[str, Stage]]:
         return iter(self.stages)
@@ -59,6 +63,41 @@ class Pipeline:
             check_rows(name, len(frame), out)
             frame = out
         return frame.set_axis(batch.index)
+
+    def reconfigure(self, config: Mapping[str, Any]) -> None:
+        """Pass each stage its section of ``config`` (``{stage_name: params}``), for
+        stages that support reloading (a model moving to another alias or version)."""
+        for name, stage in self.stages:
+            params = config.get(name)
+            reconfigure = getattr(stage, "reconfigure", None)
+            if params is not None and callable(reconfigure):
+                reconfigure(params)
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        """Per stage: its class and, for stages that report one, their own status."""
+        out: dict[str, dict[str, Any]] = {}
+        for name, stage in self.stages:
+            report = getattr(stage, "status", None)
+            out[name] = {"class": type(stage).__name__, **(report() if callable(report) else {})}
+        return out
+
+
+class Pipeline(StageChain):
+    """All stages of a spec, validation first, run in this process: the reference
+    result Ray Serve and Ray Data must match.
+
+    >>> pipe = Pipeline.from_spec("pipelines/fraud.yaml")   # doctest: +SKIP
+    >>> pipe.predict(pd.DataFrame(records))                 # doctest: +SKIP
+    """
+
+    def __init__(self, spec: PipelineSpec, home: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(spec, [s.name for s in spec.stages], home, validate=True)
+
+    @classmethod
+    def from_spec(
+        cls, spec: str | os.PathLike[str] | PipelineSpec, home: str | os.PathLike[str] | None = None
+    ) -> Pipeline:
+        return cls(spec if isinstance(spec, PipelineSpec) else load_spec(Path(spec)), home)
 
     def predict(self, batch: pd.DataFrame) -> pd.DataFrame:
         """One prediction per row: id, score, label, reasons, model, error."""

@@ -14,6 +14,7 @@ import math
 import re
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -309,13 +310,41 @@ class StageSpec(_Config):
         return v
 
 
+class IngressSpec(_Config):
+    """The HTTP ingress deployment (validation, composition, response formatting)."""
+
+    num_cpus: float = Field(default=0.25, gt=0)
+    autoscaling: AutoscalingSpec = AutoscalingSpec()
+    max_ongoing_requests: int = Field(default=256, ge=1)
+    max_queued_requests: int = Field(default=512, ge=-1)
+    """Requests beyond this wait nowhere: they get a 503 with Retry-After."""
+
+
 class ServeAppSpec(_Config):
     """Options of the online application as a whole."""
 
     fuse: tuple[tuple[str, ...], ...] = ()
     """Groups of adjacent stages that share one deployment (fewer hops)."""
+    inline: tuple[str, ...] = ()
+    """Stages run inside the ingress replica itself: no hop at all."""
     max_records: int = Field(default=1000, ge=1)
     """Most records one request may carry."""
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    """Largest request body accepted; larger is a 413."""
+    request_timeout_s: float = Field(default=5.0, gt=0)
+    """Deadline of one request through every stage; past it the client gets a 504."""
+    ingress: IngressSpec = IngressSpec()
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A run of adjacent stages that one runtime unit executes (a deployment, an actor pool)."""
+
+    name: str
+    """The first stage's name, or ``first+last`` for a fused group."""
+    stages: tuple[str, ...]
+    inline: bool = False
+    """Online: runs inside the ingress replica."""
 
 
 class PipelineSpec(_Config):
@@ -356,6 +385,16 @@ class PipelineSpec(_Config):
                     where, f"serve.fuse lists a stage twice: {sorted(seen & set(group))}"
                 )
             seen |= set(group)
+        for i, name in enumerate(self.serve.inline):
+            if name not in order:
+                raise _LocatedError(
+                    ("serve", "inline", i), f"serve.inline names unknown stage {name!r}"
+                )
+            if name in seen:
+                raise _LocatedError(
+                    ("serve", "inline", i),
+                    f"stage {name!r} is both fused and inline: pick one placement",
+                )
         return self
 
     @property
@@ -368,6 +407,27 @@ class PipelineSpec(_Config):
             if s.name == name:
                 return s
         raise KeyError(name)
+
+    def segments(self) -> list[Segment]:
+        """Where the deployment boundaries fall: one segment per stage, a fused group,
+        or a run of adjacent inline stages. Placement never changes what is computed."""
+        group_of = {n: g for g in self.serve.fuse for n in g}
+        inline = set(self.serve.inline)
+        out: list[Segment] = []
+        for stage in self.stages:
+            name = stage.name
+            if name in group_of:
+                group = group_of[name]
+                if out and out[-1].stages[0] in group:
+                    continue
+                ordered = tuple(s.name for s in self.stages if s.name in group)
+                out.append(Segment(f"{ordered[0]}+{ordered[-1]}", ordered))
+            elif name in inline and out and out[-1].inline:
+                last = out[-1]
+                out[-1] = Segment(last.name, (*last.stages, name), inline=True)
+            else:
+                out.append(Segment(name, (name,), inline=name in inline))
+        return out
 
 
 # --------------------------------------------------------------------------- loading

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -55,3 +56,58 @@ def good_record() -> dict[str, object]:
         "ts": "2026-01-20T10:15:00Z",
         "country": "US",
     }
+
+
+# --------------------------------------------------------------------------- Ray
+# One local Ray per test session, started on first use (tests/unit never asks).
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """A local Ray on loopback for the whole session; shut down at the end."""
+    import ray
+
+    from stageline.localray import local_ray_options
+
+    ray.init(**local_ray_options(num_cpus=8, object_store_mb=256), log_to_driver=False)
+    try:
+        yield
+    finally:
+        from ray import serve
+
+        serve.shutdown()  # type: ignore[no-untyped-call]
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_base(ray_session: None) -> str:
+    """Serve's HTTP proxy on a free loopback port: ``http://127.0.0.1:PORT``."""
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"
+
+
+def deploy_app(serve_base: str, name: str, **args: object) -> str:
+    """Deploy a stageline app as ``name`` at ``/name``; its base URL once it is running."""
+    from ray import serve
+
+    from serve_app import AppArgs, build_app
+
+    serve.run(build_app(AppArgs.model_validate(args)), name=name, route_prefix=f"/{name}")
+    return f"{serve_base}/{name}"
+
+
+@pytest.fixture(scope="session")
+def fraud_url(serve_base: str, demo_home: Path) -> str:
+    """The demo pipeline served over HTTP (read-only: do not redeploy it)."""
+    return deploy_app(serve_base, "fraud", spec=str(FRAUD_SPEC), home=str(demo_home))

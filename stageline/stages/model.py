@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -53,8 +52,8 @@ class XGBoostPredictor(BaseStage):
         self.approx_reasons = reasons_method == "approx"
         self.nthread = nthread
         self.load_error: str | None = None
-        self._lock = threading.Lock()
-        self.loaded = self._load(version if version is not None else alias or "champion")
+        self.ref: str | int = version if version is not None else alias or "champion"
+        self.loaded = self._load(self.ref)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -67,18 +66,35 @@ class XGBoostPredictor(BaseStage):
         """Swap to another alias or version; on failure keep serving the current one."""
         ref: str | int = params.get("version") or params.get("alias") or "champion"
         try:
-            loaded = self._load(ref)
+            # The alias may have moved since it was loaded: resolve it afresh (cheap).
+            target = self.registry.resolve(self.model_name, ref)
+            if target.version == self.loaded.metadata.version:
+                self.ref, self.load_error = ref, None
+                return
+            loaded = self._load(target.version)
         except RegistryError as e:
-            self.load_error = str(e)
-            log.error("stage %r kept %s: %s", self.name, self.describe(), e)
+            self.load_error = f"{self.model_name}@{ref}: {e}"
+            log.error("stage %r keeps serving %s: %s", self.name, self.describe(), e)
             return
-        with self._lock:
-            self.loaded, self.load_error = loaded, None
+        self.loaded, self.ref, self.load_error = loaded, ref, None
         log.info("stage %r now serves %s", self.name, self.describe())
 
     def describe(self) -> str:
         meta = self.loaded.metadata
         return f"{meta.name} v{meta.version}"
+
+    def status(self) -> dict[str, Any]:
+        """What this stage serves, for ``/models`` and ``/readyz``."""
+        meta = self.loaded.metadata
+        return {
+            "model": meta.name,
+            "version": meta.version,
+            "ref": self.ref,
+            "sha256": meta.sha256,
+            "threshold": meta.threshold,
+            "metrics": meta.metrics,
+            "load_error": self.load_error,
+        }
 
     # -- inference -------------------------------------------------------------
 

@@ -1,0 +1,106 @@
+"""``build_app``: the typed Serve application builder.
+
+``serve run cluster/serve.yaml``, ``serve deploy`` and ``stageline serve`` all
+come through here. One deployment per segment of the spec (a stage, or a
+fused group), named after it, so a Serve config's ``deployments:`` section
+lines up with the spec's stage names.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve import Application, Deployment
+
+from serve_app.deployment import StageDeployment
+from serve_app.http import ApiKey
+from serve_app.ingress import make_ingress
+from stageline.context import resolve_home
+from stageline.registry import parse_model_ref
+from stageline.spec import PipelineSpec, Segment, StageServeSpec, load_spec
+
+INGRESS = "ingress"
+
+
+class AppArgs(BaseModel):
+    """Arguments of the Serve application (``args:`` in a Serve config)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    spec: str = "pipelines/fraud.yaml"
+    """Pipeline spec file, relative to the working directory."""
+    home: str | None = None
+    """stageline home (models, features); default ``$STAGELINE_HOME`` or ``./.stageline``."""
+    model: str | None = Field(default=None, examples=["fraud@challenger", "fraud@2"])
+    """Serve this model reference in every model stage that uses that model name.
+    Changing it on a running app reloads the model in place (``user_config``)."""
+    api_key_env: str = "STAGELINE_API_KEY"
+    """Environment variable holding the API key; no key means no authentication."""
+    api_key_file: str | None = None
+    """File holding the API key, read when the env var is unset."""
+
+
+def build_app(args: AppArgs) -> Application:
+    """The Serve application for ``args.spec``."""
+    spec = load_spec(args.spec)
+    home = str(resolve_home(args.home))
+    handles = [
+        deployment(spec, segment, home, args.model).bind(spec, list(segment.stages), home)
+        for segment in spec.segments()
+        if not segment.inline
+    ]
+    ingress = spec.serve.ingress
+    api_key = ApiKey(args.api_key_env, args.api_key_file)
+    ingress_cls = make_ingress(spec, home, api_key)
+    app: Application = (
+        cast(Deployment, serve.deployment(ingress_cls))
+        .options(
+            name=INGRESS,
+            ray_actor_options={"num_cpus": ingress.num_cpus},
+            autoscaling_config=_autoscaling(ingress.autoscaling, ingress.max_ongoing_requests),
+            max_ongoing_requests=ingress.max_ongoing_requests,
+            max_queued_requests=ingress.max_queued_requests,
+        )
+        .bind(handles)
+    )
+    return app
+
+
+def deployment(spec: PipelineSpec, segment: Segment, home: str, model: str | None) -> Any:
+    """The generic stage deployment configured for one segment."""
+    options: StageServeSpec = spec.stage(segment.stages[0]).serve
+    return cast(Deployment, StageDeployment).options(
+        name=segment.name,
+        ray_actor_options={"num_cpus": options.num_cpus},
+        autoscaling_config=_autoscaling(options.autoscaling, options.max_ongoing_requests),
+        max_ongoing_requests=options.max_ongoing_requests,
+        max_queued_requests=options.max_queued_requests,
+        user_config=user_config(spec, segment, model),
+    )
+
+
+def user_config(spec: PipelineSpec, segment: Segment, model: str | None) -> dict[str, Any]:
+    """Per-stage reload params: ``{"model": {"alias": "challenger"}}`` for a model
+    stage serving ``model``'s name; empty when nothing is overridden."""
+    if model is None:
+        return {}
+    name, ref = parse_model_ref(model)
+    key = "version" if isinstance(ref, int) else "alias"
+    return {
+        stage: {key: ref}
+        for stage in segment.stages
+        if spec.stage(stage).params.get("model") == name
+    }
+
+
+def _autoscaling(options: Any, max_ongoing: int) -> dict[str, Any]:
+    return {
+        "min_replicas": options.min_replicas,
+        "initial_replicas": max(options.min_replicas, 1),
+        "max_replicas": options.max_replicas,
+        "target_ongoing_requests": min(options.target_ongoing_requests, max_ongoing),
+        "upscale_delay_s": options.upscale_delay_s,
+        "downscale_delay_s": options.downscale_delay_s,
+    }

@@ -1,0 +1,133 @@
+"""One generic Ray Serve deployment that runs any segment of stages.
+
+Concurrent requests' DataFrames are merged by ``@serve.batch``, the stages
+run once on the merged frame, and the result is split back per request.
+Nothing about a stage is rewritten for Serve: the replica holds a
+:class:`stageline.pipeline.StageChain`, exactly what runs in process.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from ray import serve
+from ray.serve import metrics
+
+from stageline.pipeline import StageChain
+from stageline.spec import PipelineSpec
+from stageline.stage import error_mask
+
+log = logging.getLogger("ray.serve")
+
+LATENCY_BOUNDARIES_MS = [0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1e3, 2e3, 5e3]
+BATCH_BOUNDARIES = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0]
+
+
+@serve.deployment
+class StageDeployment:
+    """A Serve replica running ``stages`` of ``spec`` (one stage or a fused group)."""
+
+    def __init__(self, spec: PipelineSpec, stages: list[str], home: str) -> None:
+        self.segment = "+".join(stages)
+        self.chain = StageChain(spec, stages, Path(home))
+        batching = spec.stage(stages[0]).serve.batch
+        self.batching = batching is not None
+        if batching is not None:
+            self._set_batching(batching.max_size, batching.wait_ms)
+        tags = ("segment",)
+        self.latency = metrics.Histogram(
+            "stageline_stage_latency_ms",
+            description="Time one call of a stage segment took (one merged batch).",
+            boundaries=LATENCY_BOUNDARIES_MS,
+            tag_keys=tags,
+        )
+        self.batch_rows = metrics.Histogram(
+            "stageline_batch_rows",
+            description="Rows per call of a stage segment, after dynamic batching.",
+            boundaries=BATCH_BOUNDARIES,
+            tag_keys=tags,
+        )
+        self.marked = metrics.Counter(
+            "stageline_rows_rejected",
+            description="Rows a stage marked bad, by the stage that rejected them.",
+            tag_keys=("segment", "stage"),  # type: ignore[arg-type]  # Ray types tag_keys as 1-tuples
+        )
+        self.model_version = metrics.Gauge(
+            "stageline_model_version",
+            description="Model version a model stage serves.",
+            tag_keys=("segment", "stage", "model"),  # type: ignore[arg-type]
+        )
+        self.batch_sizes: list[int] = []
+        self._report_models()
+
+    async def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        if self.batching:
+            result: pd.DataFrame = await self._batched(batch)
+            return result
+        return self._run(batch)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
+    async def _batched(self, batches: list[pd.DataFrame]) -> list[pd.DataFrame]:
+        if len(batches) == 1:
+            return [self._run(batches[0])]
+        sizes = [len(b) for b in batches]
+        merged = self._run(pd.concat(batches, ignore_index=True))
+        bounds = np.cumsum([0, *sizes])
+        return [
+            merged.iloc[bounds[i] : bounds[i + 1]].set_axis(batches[i].index)
+            for i in range(len(batches))
+        ]
+
+    def _run(self, batch: pd.DataFrame) -> pd.DataFrame:
+        started = time.perf_counter()
+        out = self.chain(batch)
+        tags = {"segment": self.segment}
+        self.latency.observe((time.perf_counter() - started) * 1000, tags=tags)
+        self.batch_rows.observe(len(batch), tags=tags)
+        self.batch_sizes = [*self.batch_sizes[-999:], len(batch)]
+        bad = error_mask(out) & ~error_mask(batch)
+        if bad.any():
+            for reason, count in (
+                out.loc[bad, "_error"].str.split(":").str[0].value_counts().items()
+            ):
+                self.marked.inc(int(count), tags={"segment": self.segment, "stage": str(reason)})
+        return out
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve calls this on start and on every ``user_config`` change: per-stage
+        params (``{"model": {"alias": "challenger"}}``) and batching overrides
+        (``{"batch": {"max_size": 32, "wait_ms": 1}}``)."""
+        batching = user_config.get("batch") or {}
+        self._set_batching(batching.get("max_size"), batching.get("wait_ms"))
+        self.chain.reconfigure(user_config)
+        self._report_models()
+
+    def _set_batching(self, max_size: int | None, wait_ms: float | None) -> None:
+        batched: Any = self._batched  # serve.batch adds these setters at run time
+        if max_size is not None:
+            batched.set_max_batch_size(int(max_size))
+        if wait_ms is not None:
+            batched.set_batch_wait_timeout_s(float(wait_ms) / 1000)
+
+    def _report_models(self) -> None:
+        for stage, report in self.chain.status().items():
+            if "version" in report:
+                self.model_version.set(
+                    report["version"],
+                    tags={"segment": self.segment, "stage": stage, "model": report["model"]},
+                )
+
+    def status(self) -> dict[str, Any]:
+        """Stages, what they serve, and the recent batch sizes this replica saw."""
+        sizes = self.batch_sizes
+        return {
+            "segment": self.segment,
+            "stages": self.chain.status(),
+            "batches": len(sizes),
+            "max_batch_rows": max(sizes, default=0),
+        }

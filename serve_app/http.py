@@ -1,0 +1,220 @@
+"""HTTP plumbing of the ingress: the one error shape, body limits, API keys, request ids.
+
+Kept apart from the composition logic so each piece is small and testable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+REQUEST_ID_HEADER = "x-request-id"
+EXEMPT_PATHS = ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready")
+"""Probes work without the API key: a load balancer has none."""
+
+
+class ApiError(Exception):
+    """An error the client gets as ``{"error": {...}, "request_id": ...}``."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        details: list[dict[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details or []
+        self.headers = headers or {}
+
+
+def error_body(
+    status: int, code: str, message: str, request_id: str, details: list[dict[str, Any]] | None
+) -> dict[str, Any]:
+    error: dict[str, Any] = {"status": status, "code": code, "message": message}
+    if details:
+        error["details"] = details
+    return {"error": error, "request_id": request_id}
+
+
+def error_response(error: ApiError, request_id: str) -> JSONResponse:
+    body = error_body(error.status, error.code, error.message, request_id, error.details)
+    headers = {**error.headers, REQUEST_ID_HEADER: request_id}
+    return JSONResponse(body, status_code=error.status, headers=headers)
+
+
+def request_id_of(scope: Scope) -> str:
+    state = scope.setdefault("state", {})
+    rid = state.get("request_id")
+    if rid is None:
+        rid = _header(scope, REQUEST_ID_HEADER) or uuid.uuid4().hex
+        # A client's id is echoed, but only a sane one: it ends up in logs.
+        if len(rid) > 128 or not rid.isprintable():
+            rid = uuid.uuid4().hex
+        state["request_id"] = rid
+    return str(rid)
+
+
+def _header(scope: Scope, name: str) -> str | None:
+    raw = name.encode()
+    for key, value in scope.get("headers", ()):
+        if key.lower() == raw:
+            return str(value.decode("latin-1"))
+    return None
+
+
+class ApiKey:
+    """The configured API key, read where the ingress runs (env var, else file).
+
+    Only its SHA-256 is kept; requests are compared in constant time.
+    """
+
+    def __init__(self, env: str = "STAGELINE_API_KEY", file: str | None = None) -> None:
+        self.env = env
+        self.file = file
+        self._digest: bytes | None = None
+        self._loaded = False
+
+    def load(self) -> bool:
+        """Read the key; True when one is configured."""
+        key = os.environ.get(self.env, "")
+        if not key and self.file:
+            key = Path(self.file).read_text().strip()
+        self._digest = hashlib.sha256(key.encode()).digest() if key else None
+        self._loaded = True
+        return self._digest is not None
+
+    @property
+    def required(self) -> bool:
+        if not self._loaded:
+            self.load()
+        return self._digest is not None
+
+    def matches(self, presented: str | None) -> bool:
+        if not self.required:
+            return True
+        given = hashlib.sha256((presented or "").encode()).digest()
+        return presented is not None and hmac.compare_digest(given, self._digest or b"")
+
+
+def presented_key(scope: Scope) -> str | None:
+    """``X-API-Key: KEY`` or ``Authorization: Bearer KEY``."""
+    key = _header(scope, "x-api-key")
+    if key is not None:
+        return key
+    auth = _header(scope, "authorization") or ""
+    scheme, _, token = auth.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+class GuardMiddleware:
+    """Request id, API key and body size, before FastAPI reads anything.
+
+    A body over the limit is refused from its Content-Length, or as soon as
+    the streamed bytes pass the limit, never after buffering all of it.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, api_key: ApiKey) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.api_key = api_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = request_id_of(scope)
+        if scope.get("path") not in EXEMPT_PATHS and not self.api_key.matches(presented_key(scope)):
+            error = ApiError(
+                401,
+                "unauthorized",
+                "missing or wrong API key: send it as 'X-API-Key: KEY' or "
+                "'Authorization: Bearer KEY'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+            await error_response(error, rid)(scope, receive, send)
+            return
+        length = _header(scope, "content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            await error_response(self._too_large(), rid)(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body_bytes:
+                    raise _BodyTooLargeError
+            return message
+
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                headers = list(message.get("headers", []))
+                if not any(k.lower() == REQUEST_ID_HEADER.encode() for k, _ in headers):
+                    headers.append((REQUEST_ID_HEADER.encode(), rid.encode()))
+                message["headers"] = headers
+            await send(message)
+
+        try:
+            await self.app(scope, limited, send_with_id)
+        except _BodyTooLargeError:
+            if not started:
+                await error_response(self._too_large(), rid)(scope, receive, send)
+
+    def _too_large(self) -> ApiError:
+        return ApiError(
+            413,
+            "payload_too_large",
+            f"request body is over {self.max_body_bytes} bytes: send fewer records per request",
+        )
+
+
+class _BodyTooLargeError(Exception):
+    pass
+
+
+def parse_json(body: bytes) -> Any:
+    """Strict JSON: NaN and Infinity are not JSON; a duplicate key is ambiguous."""
+
+    def reject_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not valid JSON (send null for a missing value)")
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise ValueError(f"duplicate key {key!r}")
+            out[key] = value
+        return out
+
+    try:
+        return json.loads(body, parse_constant=reject_constant, object_pairs_hook=no_duplicates)
+    except RecursionError:
+        raise ApiError(422, "invalid_json", "JSON nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(422, "invalid_json", f"request body is not valid JSON: {e}") from None

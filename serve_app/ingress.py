@@ -1,0 +1,427 @@
+"""The HTTP ingress: validate, chain the stage deployments, answer.
+
+``make_ingress`` builds the FastAPI app from the spec's request schema (so
+``/docs`` shows the real fields) and returns the ingress deployment class.
+Stages placed ``inline`` run inside this replica; the others are
+DeploymentHandles, and a response is passed on to the next handle without
+being awaited in between.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads these route signatures at run time,
+# in a replica that unpickled the class, where string annotations cannot be resolved.
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, cast
+
+import pandas as pd
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from ray import serve
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve_app.http import (
+    ApiError,
+    ApiKey,
+    GuardMiddleware,
+    error_response,
+    parse_json,
+    request_id_of,
+)
+from stageline.features import StoreUnavailableError
+from stageline.pipeline import StageChain, predictions, records
+from stageline.spec import PipelineSpec, Segment
+from stageline.stage import split_error
+
+log = logging.getLogger("ray.serve")
+Response = DeploymentResponse[pd.DataFrame]
+
+OIP_TYPES = {
+    "str": "BYTES",
+    "category": "BYTES",
+    "datetime": "BYTES",
+    "int": "INT64",
+    "float": "FP64",
+    "bool": "BOOL",
+}
+
+
+def request_models(spec: PipelineSpec) -> tuple[type[BaseModel], type[BaseModel]]:
+    """(one record, the ``/predict`` body) as pydantic models from the spec."""
+    record = spec.request.record_model(f"{_title(spec.name)}Record")
+    body: type[BaseModel] = create_model(
+        f"{_title(spec.name)}PredictRequest",
+        __config__=ConfigDict(extra="forbid"),
+        records=(
+            list[record],  # type: ignore[valid-type]
+            Field(min_length=1, max_length=spec.serve.max_records),
+        ),
+    )
+    return record, body
+
+
+def _title(name: str) -> str:
+    return "".join(p.capitalize() for p in name.replace("-", "_").split("_"))
+
+
+def validation_details(
+    error: ValidationError, prefix: tuple[str, ...] = ()
+) -> list[dict[str, Any]]:
+    """``[{"record": 3, "field": "amount", "message": ...}]`` from pydantic's errors."""
+    details = []
+    for err in error.errors(include_url=False, include_input=False):
+        loc = [*prefix, *err["loc"]]
+        detail: dict[str, Any] = {"message": err["msg"]}
+        if len(loc) >= 2 and loc[0] == "records" and isinstance(loc[1], int):
+            detail["record"] = loc[1]
+            loc = loc[2:]
+        if loc:
+            detail["field"] = ".".join(str(p) for p in loc)
+        details.append(detail)
+    return details
+
+
+def make_api(spec: PipelineSpec, api_key: ApiKey) -> FastAPI:
+    """The FastAPI app: error handlers, guard middleware, and an OpenAPI page that
+    documents the request schema of ``spec``."""
+    record, body = request_models(spec)
+    app = FastAPI(
+        title=f"stageline: {spec.name}",
+        description=spec.description or f"Predictions of the {spec.name} pipeline.",
+        version="1",
+    )
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc, request_id_of(request.scope))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        details = [
+            {"field": ".".join(map(str, e["loc"])), "message": e["msg"]} for e in exc.errors()
+        ]
+        error = ApiError(422, "invalid_request", "the request is not valid", details=details)
+        return error_response(error, request_id_of(request.scope))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        error = ApiError(exc.status_code, code, str(exc.detail))
+        return error_response(error, request_id_of(request.scope))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        rid = request_id_of(request.scope)
+        log.exception("request %s failed: %s", rid, exc)
+        error = ApiError(
+            500, "internal", f"internal error; the logs have it under request id {rid}"
+        )
+        return error_response(error, rid)
+
+    app.add_middleware(
+        GuardMiddleware,
+        max_body_bytes=spec.serve.max_body_bytes,
+        api_key=api_key,
+    )
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        ref = "#/components/schemas/{model}"
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in (body, record):
+            doc = model.model_json_schema(ref_template=ref)
+            components.update(doc.pop("$defs", {}))
+            components[model.__name__] = doc
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+def body_schema(spec: PipelineSpec) -> dict[str, Any]:
+    """OpenAPI ``requestBody`` of ``/predict`` (the schema is added in ``make_api``)."""
+    _, body = request_models(spec)
+    ref = {"$ref": f"#/components/schemas/{body.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def make_ingress(spec: PipelineSpec, home: str, api_key: ApiKey) -> Any:
+    """The ingress deployment class for ``spec`` (bind it with the stage handles)."""
+    app = make_api(spec, api_key)
+    record_model, body_model = request_models(spec)
+    predict_doc = body_schema(spec)
+    segments = spec.segments()
+    id_field = spec.request.id_field
+
+    @serve.ingress(app)
+    class Ingress:
+        def __init__(self, handles: Sequence[DeploymentHandle[Any]]) -> None:
+            self.spec = spec
+            self.validate = StageChain(spec, [], Path(home), validate=True)
+            remote = iter(handles)
+            self.plan: list[tuple[Segment, DeploymentHandle[Any] | StageChain]] = [
+                (s, StageChain(spec, s.stages, Path(home)) if s.inline else next(remote))
+                for s in segments
+            ]
+            self.timeout_s = spec.serve.request_timeout_s
+            api_key.load()
+
+        # -- composition -------------------------------------------------------
+
+        async def run(self, frame: pd.DataFrame) -> pd.DataFrame:
+            """The frame through every stage, within the deadline (else 504)."""
+            issued: list[Response] = []
+            try:
+                return await asyncio.wait_for(self._chain(frame, issued), self.timeout_s)
+            except asyncio.TimeoutError:
+                for response in issued:
+                    response.cancel()  # type: ignore[no-untyped-call]  # downstream stops too
+                raise ApiError(
+                    504,
+                    "deadline_exceeded",
+                    f"no answer within the {self.timeout_s:g} s deadline; retry later",
+                ) from None
+            except BackPressureError:
+                raise self._unavailable("the service is at capacity") from None
+            except DeploymentUnavailableError:
+                raise self._unavailable("a pipeline stage is not available yet") from None
+            except StoreUnavailableError as e:
+                raise self._unavailable(f"the feature store is unavailable: {e}") from None
+
+        async def _chain(self, frame: pd.DataFrame, issued: list[Response]) -> pd.DataFrame:
+            current: pd.DataFrame = self.validate(frame)
+            pending: Response | None = None
+            for _segment, runner in self.plan:
+                if isinstance(runner, StageChain):
+                    if pending is not None:
+                        current, pending = await pending, None
+                    current = runner(current)
+                else:
+                    # Not awaited: Serve hands the result straight to the next deployment.
+                    response = cast(
+                        Response, runner.remote(current if pending is None else pending)
+                    )
+                    issued.append(response)
+                    pending = response
+            if pending is not None:
+                current = await pending
+            return current
+
+        @staticmethod
+        def _unavailable(message: str) -> ApiError:
+            return ApiError(
+                503, "unavailable", f"{message}; retry shortly", headers={"Retry-After": "1"}
+            )
+
+        async def _records(self, request: Request) -> list[dict[str, Any]]:
+            payload = parse_json(await request.body())
+            try:
+                parsed = body_model.model_validate(payload)
+            except ValidationError as e:
+                raise ApiError(
+                    422,
+                    "invalid_request",
+                    "the request is not valid",
+                    details=validation_details(e),
+                ) from None
+            return [r.model_dump() for r in parsed.records]  # type: ignore[attr-defined]
+
+        # -- endpoints ---------------------------------------------------------
+
+        @app.post("/predict", openapi_extra=predict_doc, summary="Score records")
+        async def predict(self, request: Request) -> JSONResponse:
+            rid = request_id_of(request.scope)
+            rows = await self._records(request)
+            result = predictions(await self.run(pd.DataFrame.from_records(rows)), self.spec)
+            out, failed = [], []
+            for i, row in enumerate(records(result)):
+                if row["error"]:
+                    stage, reason = split_error(row["error"])
+                    out.append({"id": row[id_field], "error": {"stage": stage, "message": reason}})
+                    failed.append({"record": i, "stage": stage, "message": reason})
+                else:
+                    out.append(
+                        {
+                            "id": row[id_field],
+                            "score": row["score"],
+                            "label": row["label"],
+                            "reasons": row["reasons"] or [],
+                        }
+                    )
+            if len(failed) == len(out):
+                raise ApiError(422, "rejected", "no record could be scored", details=failed)
+            good = result[result["error"].isna()]
+            model = {
+                "name": good["model_name"].iloc[0],
+                "version": int(good["model_version"].iloc[0]),
+            }
+            return JSONResponse({"predictions": out, "model": model, "request_id": rid})
+
+        @app.post("/v2/models/{name}/infer", summary="Open Inference Protocol (V2) inference")
+        async def infer(self, name: str, request: Request) -> JSONResponse:
+            self._check_model(name)
+            payload = parse_json(await request.body())
+            if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list):
+                raise ApiError(
+                    422, "invalid_request", 'expected {"inputs": [{name, shape, datatype, data}]}'
+                )
+            columns: dict[str, list[Any]] = {}
+            for tensor in payload["inputs"]:
+                if not isinstance(tensor, dict) or not isinstance(tensor.get("data"), list):
+                    raise ApiError(
+                        422, "invalid_request", "each input needs a name and a data list"
+                    )
+                columns[str(tensor.get("name"))] = _flatten(tensor["data"])
+            lengths = {len(v) for v in columns.values()}
+            if len(lengths) != 1:
+                raise ApiError(
+                    422, "invalid_request", f"inputs differ in length: {sorted(lengths)}"
+                )
+            n = lengths.pop()
+            rows = [{k: v[i] for k, v in columns.items()} for i in range(n)]
+            try:
+                parsed = body_model.model_validate({"records": rows})
+            except ValidationError as e:
+                raise ApiError(
+                    422,
+                    "invalid_request",
+                    "the inputs are not valid",
+                    details=validation_details(e),
+                ) from None
+            frame = pd.DataFrame.from_records([r.model_dump() for r in parsed.records])  # type: ignore[attr-defined]
+            result = predictions(await self.run(frame), self.spec)
+            bad = result[result["error"].notna()]
+            if len(bad):
+                details = [{"record": i, "message": str(e)} for i, e in enumerate(bad["error"])]
+                raise ApiError(422, "rejected", "some inputs could not be scored", details=details)
+            wanted = {o.get("name") for o in payload.get("outputs") or [] if isinstance(o, dict)}
+            outputs: list[dict[str, Any]] = [
+                {
+                    "name": id_field,
+                    "datatype": "BYTES",
+                    "data": result[id_field].astype(str).tolist(),
+                },
+                {
+                    "name": "score",
+                    "datatype": "FP64",
+                    "data": result["score"].astype(float).tolist(),
+                },
+                {
+                    "name": "label",
+                    "datatype": "BOOL",
+                    "data": result["label"].astype(bool).tolist(),
+                },
+                {
+                    "name": "reasons",
+                    "datatype": "BYTES",
+                    "data": [",".join(r or []) for r in result["reasons"]],
+                },
+            ]
+            outputs = [{**o, "shape": [n]} for o in outputs if not wanted or o["name"] in wanted]
+            body: dict[str, Any] = {
+                "model_name": name,
+                "model_version": str(int(result["model_version"].iloc[0])),
+                "outputs": outputs,
+            }
+            if "id" in payload:
+                body["id"] = payload["id"]
+            return JSONResponse(body)
+
+        @app.get("/v2/models/{name}", summary="Open Inference Protocol (V2) model metadata")
+        async def model_metadata(self, name: str) -> dict[str, Any]:
+            self._check_model(name)
+            models = await self._models()
+            fields = self.spec.request.fields
+            return {
+                "name": name,
+                "versions": sorted({str(m["version"]) for m in models}),
+                "platform": "xgboost",
+                "inputs": [
+                    {"name": f, "datatype": OIP_TYPES[s.type], "shape": [-1]}
+                    for f, s in fields.items()
+                ],
+                "outputs": [
+                    {"name": id_field, "datatype": "BYTES", "shape": [-1]},
+                    {"name": "score", "datatype": "FP64", "shape": [-1]},
+                    {"name": "label", "datatype": "BOOL", "shape": [-1]},
+                    {"name": "reasons", "datatype": "BYTES", "shape": [-1]},
+                ],
+            }
+
+        @app.get("/v2/models/{name}/ready", summary="Open Inference Protocol (V2) model ready")
+        async def model_ready(self, name: str) -> dict[str, Any]:
+            self._check_model(name)
+            return await self.readyz()
+
+        def _check_model(self, name: str) -> None:
+            if name != self.spec.name:
+                raise ApiError(
+                    404, "not_found", f"no model {name!r}; this server has {self.spec.name!r}"
+                )
+
+        @app.get("/healthz", summary="Liveness")
+        @app.get("/v2/health/live", summary="Open Inference Protocol (V2) liveness")
+        async def healthz(self) -> dict[str, Any]:
+            return {"live": True}
+
+        @app.get("/readyz", summary="Readiness: every stage loaded and answering")
+        @app.get("/v2/health/ready", summary="Open Inference Protocol (V2) readiness")
+        async def readyz(self) -> dict[str, Any]:
+            try:
+                await self._statuses()
+            except Exception as e:  # any failure to answer means not ready
+                raise ApiError(
+                    503, "not_ready", f"not every stage is ready: {e}", headers={"Retry-After": "1"}
+                ) from None
+            return {"ready": True}
+
+        @app.get("/models", summary="Models served, their versions and the request schema")
+        async def models(self) -> dict[str, Any]:
+            return {
+                "pipeline": self.spec.name,
+                "models": await self._models(),
+                "request_schema": record_model.model_json_schema(),
+            }
+
+        async def _statuses(self) -> dict[str, dict[str, Any]]:
+            stages: dict[str, dict[str, Any]] = {}
+            waits = [
+                runner.status.remote()
+                for _s, runner in self.plan
+                if not isinstance(runner, StageChain)
+            ]
+            for report in await asyncio.wait_for(asyncio.gather(*waits), timeout=5):
+                stages.update(report["stages"])
+            for _s, runner in self.plan:
+                if isinstance(runner, StageChain):
+                    stages.update(runner.status())
+            return stages
+
+        async def _models(self) -> list[dict[str, Any]]:
+            return [
+                {"stage": name, **report}
+                for name, report in (await self._statuses()).items()
+                if "version" in report
+            ]
+
+    return Ingress
+
+
+def _flatten(data: list[Any]) -> list[Any]:
+    """OIP data may be nested by shape ([[1], [2]]); records want one value per row."""
+    out: list[Any] = []
+    for item in data:
+        out.extend(_flatten(item) if isinstance(item, list) else [item])
+    return out
