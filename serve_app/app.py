@@ -8,6 +8,10 @@ lines up with the spec's stage names.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
+from pathlib import Path
 from typing import Any, cast
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -19,7 +23,7 @@ from serve_app.http import ApiKey
 from serve_app.ingress import make_ingress
 from stageline.context import resolve_home
 from stageline.registry import parse_model_ref
-from stageline.spec import PipelineSpec, Segment, StageServeSpec, load_spec
+from stageline.spec import PipelineSpec, Segment, StageServeSpec, load_spec, resolve_class
 
 INGRESS = "ingress"
 
@@ -46,14 +50,18 @@ def build_app(args: AppArgs) -> Application:
     """The Serve application for ``args.spec``."""
     spec = load_spec(args.spec)
     home = str(resolve_home(args.home))
+    version = code_version(spec, home, args)
     handles = [
-        deployment(spec, segment, home, args.model).bind(spec, list(segment.stages), home)
+        deployment(spec, segment, home, args.model)
+        .options(version=version, _internal=True)
+        .bind(spec, list(segment.stages), home)
         for segment in spec.segments()
         if not segment.inline
     ]
     ingress = spec.serve.ingress
     api_key = ApiKey(args.api_key_env, args.api_key_file)
     ingress_cls = make_ingress(spec, home, api_key)
+    inline = [s for s in spec.segments() if s.inline]
     app: Application = (
         cast(Deployment, serve.deployment(ingress_cls))
         .options(
@@ -62,10 +70,40 @@ def build_app(args: AppArgs) -> Application:
             autoscaling_config=_autoscaling(ingress.autoscaling, ingress.max_ongoing_requests),
             max_ongoing_requests=ingress.max_ongoing_requests,
             max_queued_requests=ingress.max_queued_requests,
+            # Model stages placed inline reload in the ingress replica.
+            user_config={k: v for s in inline for k, v in user_config(spec, s, args.model).items()},
         )
+        .options(version=version, _internal=True)
         .bind(handles)
     )
     return app
+
+
+def code_version(spec: PipelineSpec, home: str, args: AppArgs) -> str:
+    """What every replica is built from, except the model reference.
+
+    ``serve.run`` gives a deployment without a version a random one, so every
+    redeploy would restart every replica (and drop requests while the new ones
+    start). With this version a redeploy that changes only ``args.model``
+    (``user_config``) is Serve's lightweight update: running replicas reload the
+    model in place. The spec, the home, the API key settings or the code of
+    ``serve_app``, ``stageline`` or a stage class changing still restarts them.
+    (``serve deploy`` of a config ignores this and versions by its import path and args.)
+    """
+    modules = {Path(__file__).parent, Path(inspect.getfile(StageServeSpec)).parent}
+    files = sorted({f for m in modules for f in m.rglob("*.py")})
+    files += [Path(inspect.getfile(resolve_class(s.uses, spec.base_dir))) for s in spec.stages]
+    digest = hashlib.sha256()
+    inputs = {
+        "spec": spec.model_dump(mode="json"),
+        "base_dir": str(spec.base_dir),
+        "home": home,
+        "api_key": [args.api_key_env, args.api_key_file],
+    }
+    digest.update(json.dumps(inputs, sort_keys=True, default=str).encode())
+    for file in files:
+        digest.update(str(file).encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()
 
 
 def deployment(spec: PipelineSpec, segment: Segment, home: str, model: str | None) -> Any:
@@ -83,16 +121,20 @@ def deployment(spec: PipelineSpec, segment: Segment, home: str, model: str | Non
 
 def user_config(spec: PipelineSpec, segment: Segment, model: str | None) -> dict[str, Any]:
     """Per-stage reload params: ``{"model": {"alias": "challenger"}}`` for a model
-    stage serving ``model``'s name; empty when nothing is overridden."""
-    if model is None:
-        return {}
-    name, ref = parse_model_ref(model)
-    key = "version" if isinstance(ref, int) else "alias"
-    return {
-        stage: {key: ref}
-        for stage in segment.stages
-        if spec.stage(stage).params.get("model") == name
-    }
+    stage serving ``model``'s name, the spec's own alias or version for the others.
+
+    Always given, so a redeploy without ``model`` moves a swapped replica back."""
+    name, ref = parse_model_ref(model) if model is not None else (None, None)
+    config: dict[str, Any] = {}
+    for stage in segment.stages:
+        params = spec.stage(stage).params
+        if "model" not in params:
+            continue
+        if params["model"] == name:
+            config[stage] = {"version" if isinstance(ref, int) else "alias": ref}
+        else:
+            config[stage] = {k: params[k] for k in ("alias", "version") if k in params}
+    return config
 
 
 def _autoscaling(options: Any, max_ongoing: int) -> dict[str, Any]:

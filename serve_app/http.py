@@ -58,11 +58,13 @@ def error_body(
 
 def error_response(error: ApiError, request_id: str) -> JSONResponse:
     body = error_body(error.status, error.code, error.message, request_id, error.details)
-    headers = {**error.headers, REQUEST_ID_HEADER: request_id}
-    return JSONResponse(body, status_code=error.status, headers=headers)
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
 
 
 def request_id_of(scope: Scope) -> str:
+    """The request's id. Serve's proxy puts it on the request (the client's
+    ``X-Request-ID`` or a fresh one) and on the response; every replica's log
+    lines carry it too."""
     state = scope.setdefault("state", {})
     rid = state.get("request_id")
     if rid is None:
@@ -72,6 +74,13 @@ def request_id_of(scope: Scope) -> str:
             rid = uuid.uuid4().hex
         state["request_id"] = rid
     return str(rid)
+
+
+def route_path(scope: Scope) -> str:
+    """The path within the app: Serve mounts an app at its route prefix (``root_path``)."""
+    path = str(scope.get("path", ""))
+    root = str(scope.get("root_path", ""))
+    return path[len(root) :] if root and path.startswith(root) else path
 
 
 def _header(scope: Scope, name: str) -> str | None:
@@ -143,7 +152,7 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         rid = request_id_of(scope)
-        if scope.get("path") not in EXEMPT_PATHS and not self.api_key.matches(presented_key(scope)):
+        if route_path(scope) not in EXEMPT_PATHS and not self.api_key.matches(presented_key(scope)):
             error = ApiError(
                 401,
                 "unauthorized",
@@ -170,18 +179,13 @@ class GuardMiddleware:
 
         started = False
 
-        async def send_with_id(message: Message) -> None:
+        async def send_tracked(message: Message) -> None:
             nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-                headers = list(message.get("headers", []))
-                if not any(k.lower() == REQUEST_ID_HEADER.encode() for k, _ in headers):
-                    headers.append((REQUEST_ID_HEADER.encode(), rid.encode()))
-                message["headers"] = headers
+            started = started or message["type"] == "http.response.start"
             await send(message)
 
         try:
-            await self.app(scope, limited, send_with_id)
+            await self.app(scope, limited, send_tracked)
         except _BodyTooLargeError:
             if not started:
                 await error_response(self._too_large(), rid)(scope, receive, send)
@@ -196,6 +200,22 @@ class GuardMiddleware:
 
 class _BodyTooLargeError(Exception):
     pass
+
+
+def require_json(content_type: str | None) -> None:
+    """A body declared as anything but JSON is a 415; an undeclared one is read as JSON."""
+    if content_type is None:
+        return
+    media = content_type.partition(";")[0].strip().lower()
+    kind, _, subtype = media.partition("/")
+    if kind == "application" and (subtype == "json" or subtype.endswith("+json")):
+        return
+    raise ApiError(
+        415,
+        "unsupported_media_type",
+        f"the body must be JSON, not {media or 'an empty type'!r}: "
+        "send 'Content-Type: application/json'",
+    )
 
 
 def parse_json(body: bytes) -> Any:

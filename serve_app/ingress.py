@@ -34,6 +34,7 @@ from serve_app.http import (
     error_response,
     parse_json,
     request_id_of,
+    require_json,
 )
 from stageline.features import StoreUnavailableError
 from stageline.pipeline import StageChain, predictions, records
@@ -178,6 +179,12 @@ def make_ingress(spec: PipelineSpec, home: str, api_key: ApiKey) -> Any:
             self.timeout_s = spec.serve.request_timeout_s
             api_key.load()
 
+        def reconfigure(self, user_config: dict[str, Any]) -> None:
+            """Model references for the stages placed inline (see ``build_app``)."""
+            for _segment, runner in self.plan:
+                if isinstance(runner, StageChain):
+                    runner.reconfigure(user_config)
+
         # -- composition -------------------------------------------------------
 
         async def run(self, frame: pd.DataFrame) -> pd.DataFrame:
@@ -226,6 +233,7 @@ def make_ingress(spec: PipelineSpec, home: str, api_key: ApiKey) -> Any:
             )
 
         async def _records(self, request: Request) -> list[dict[str, Any]]:
+            require_json(request.headers.get("content-type"))
             payload = parse_json(await request.body())
             try:
                 parsed = body_model.model_validate(payload)
@@ -272,6 +280,7 @@ def make_ingress(spec: PipelineSpec, home: str, api_key: ApiKey) -> Any:
         @app.post("/v2/models/{name}/infer", summary="Open Inference Protocol (V2) inference")
         async def infer(self, name: str, request: Request) -> JSONResponse:
             self._check_model(name)
+            require_json(request.headers.get("content-type"))
             payload = parse_json(await request.body())
             if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list):
                 raise ApiError(

@@ -213,13 +213,35 @@ class FeatureViewSpec(_Config):
     features: dict[str, FeatureSpec]
 
 
-class OnlineStoreSpec(_Config):
+class MemoryStoreSpec(_Config):
+    """In-process online store, loaded from the materialized snapshot (the default)."""
+
     kind: Literal["memory"] = "memory"
-    """``memory``: an in-process table loaded from the materialized snapshot."""
+
+
+class RedisStoreSpec(_Config):
+    """Online store in Redis: shared by every replica, updated by ``stageline materialize``."""
+
+    kind: Literal["redis"]
+    url: str = Field(pattern=r"^rediss?://")
+    """``redis://host:port/db`` (``rediss://`` for TLS). Put no password here."""
+    password_env: str | None = None
+    """Environment variable holding the password."""
+    password_file: str | None = None
+    """File holding the password (read when ``password_env`` is unset or empty)."""
+    timeout_ms: float = Field(default=200, gt=0)
+    """Connect and read timeout: past it a lookup fails fast (online: a 503)."""
+    max_connections: int = Field(default=16, ge=1)
+    """Connection pool size per replica or actor."""
+    prefix: str = "stageline"
+    """Key prefix, to share one Redis between pipelines."""
+
+
+OnlineStoreSpec = Annotated[MemoryStoreSpec | RedisStoreSpec, Field(discriminator="kind")]
 
 
 class FeatureStoreSpec(_Config):
-    online: OnlineStoreSpec = OnlineStoreSpec()
+    online: OnlineStoreSpec = MemoryStoreSpec()
     views: dict[str, FeatureViewSpec] = {}
 
 

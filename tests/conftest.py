@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -111,3 +117,87 @@ def deploy_app(serve_base: str, name: str, **args: object) -> str:
 def fraud_url(serve_base: str, demo_home: Path) -> str:
     """The demo pipeline served over HTTP (read-only: do not redeploy it)."""
     return deploy_app(serve_base, "fraud", spec=str(FRAUD_SPEC), home=str(demo_home))
+
+
+# --------------------------------------------------------------------------- Redis
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port, in its own folder; this test
+    session's own process, stopped by its pid."""
+
+    def __init__(self, workdir: Path, *args: str) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.args = args
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        # Append-only with fsync: a restarted server has its data back, like production.
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+             "--dir", str(self.workdir), "--appendonly", "yes", "--appendfsync", "always",
+             "--save", "", *self.args],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        # Ready means answering PING, not merely listening: a restarted server
+        # refuses reads while it loads its append-only file.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                s.settimeout(1)
+                try:
+                    s.connect(("127.0.0.1", self.port))
+                    s.sendall(b"PING\r\n")
+                    if s.recv(64).startswith((b"+PONG", b"-NOAUTH")):
+                        return
+                except OSError:
+                    pass
+            time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not become ready on port {self.port}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+    def pause(self) -> None:
+        """Hang the server (SIGSTOP): clients see timeouts, as with an overloaded Redis."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        message = "redis-server is not installed (apt-get install redis-server; scripts/test does)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        if server.process is not None:
+            server.resume()
+        server.stop()
+
+
+def redis_spec(spec: PipelineSpec, url: str, **options: object) -> PipelineSpec:
+    """``spec`` with its online store switched to Redis at ``url``."""
+    data = spec.model_dump()
+    # 2 s, not the 200 ms default: this shared 2-core machine is slow at times.
+    data["features"]["online"] = {"kind": "redis", "url": url, "timeout_ms": 2000, **options}
+    switched = PipelineSpec.model_validate(data)
+    switched._base_dir = spec.base_dir
+    return switched

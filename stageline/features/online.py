@@ -16,7 +16,7 @@ import pandas as pd
 
 from stageline._io import atomic_write_parquet
 from stageline.features.offline import FeatureStoreError, OfflineStore, with_defaults
-from stageline.spec import FeatureViewSpec, PipelineSpec
+from stageline.spec import FeatureViewSpec, PipelineSpec, RedisStoreSpec
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,11 @@ class MemoryOnlineStore:
 def open_online_store(spec: PipelineSpec, home: Path) -> OnlineStore:
     """The online store the spec selects."""
     offline = OfflineStore(home, spec.features.views, spec.base_dir)
+    online = spec.features.online
+    if isinstance(online, RedisStoreSpec):
+        from stageline.features.redis_store import RedisOnlineStore
+
+        return RedisOnlineStore(online, offline)
     return MemoryOnlineStore(offline, home / "online")
 
 
