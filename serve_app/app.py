@@ -6,8 +6,10 @@ fused group), named after it, so a Serve config's ``deployments:`` section
 lines up with the spec's stage names.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: Ray reads `build_app`'s parameter annotation
+# at run time to turn a Serve config's `args:` into AppArgs; a string would not do.
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -83,26 +85,26 @@ def code_version(spec: PipelineSpec, home: str, args: AppArgs) -> str:
     """What every replica is built from, except the model reference.
 
     ``serve.run`` gives a deployment without a version a random one, so every
-    redeploy would restart every replica (and drop requests while the new ones
-    start). With this version a redeploy that changes only ``args.model``
-    (``user_config``) is Serve's lightweight update: running replicas reload the
-    model in place. The spec, the home, the API key settings or the code of
-    ``serve_app``, ``stageline`` or a stage class changing still restarts them.
-    (``serve deploy`` of a config ignores this and versions by its import path and args.)
+    redeploy would restart every replica (and drop requests while new ones start).
+    With this version a redeploy that changes only ``args.model`` (``user_config``)
+    is Serve's lightweight update: the running replicas reload the model in place.
+    A change to the spec, the home, the API key settings or the code (``serve_app``,
+    ``stageline``, a stage's module) still restarts them, as ``serve run --reload``
+    expects. (``serve deploy`` of a config versions by its import path and args.)
     """
-    modules = {Path(__file__).parent, Path(inspect.getfile(StageServeSpec)).parent}
-    files = sorted({f for m in modules for f in m.rglob("*.py")})
-    files += [Path(inspect.getfile(resolve_class(s.uses, spec.base_dir))) for s in spec.stages]
-    digest = hashlib.sha256()
     inputs = {
         "spec": spec.model_dump(mode="json"),
         "base_dir": str(spec.base_dir),
         "home": home,
         "api_key": [args.api_key_env, args.api_key_file],
     }
-    digest.update(json.dumps(inputs, sort_keys=True, default=str).encode())
-    for file in files:
-        digest.update(str(file).encode() + b"\0" + file.read_bytes())
+    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode())
+    packages = [Path(__file__).parent, Path(inspect.getfile(PipelineSpec)).parent]
+    sources = {f for p in packages for f in p.rglob("[!.]*.py")}  # not editors' lock files
+    sources |= {Path(inspect.getfile(resolve_class(s.uses, spec.base_dir))) for s in spec.stages}
+    for source in sorted(sources):
+        with contextlib.suppress(FileNotFoundError):  # deleted since the listing
+            digest.update(f"{source}\0".encode() + source.read_bytes())
     return digest.hexdigest()
 
 

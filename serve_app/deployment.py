@@ -63,6 +63,7 @@ class StageDeployment:
             tag_keys=("segment", "stage", "model"),  # type: ignore[arg-type]
         )
         self.batch_sizes: list[int] = []
+        self._models: list[tuple[float, dict[str, str]]] = []
         self._report_models()
 
     async def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -87,6 +88,9 @@ class StageDeployment:
         started = time.perf_counter()
         out = self.chain(batch)
         tags = {"segment": self.segment}
+        # Set per batch: a gauge set while the replica is still constructing is not exported.
+        for version, model_tags in self._models:
+            self.model_version.set(version, tags=model_tags)
         self.latency.observe((time.perf_counter() - started) * 1000, tags=tags)
         self.batch_rows.observe(len(batch), tags=tags)
         self.batch_sizes = [*self.batch_sizes[-999:], len(batch)]
@@ -115,12 +119,14 @@ class StageDeployment:
             batched.set_batch_wait_timeout_s(float(wait_ms) / 1000)
 
     def _report_models(self) -> None:
-        for stage, report in self.chain.status().items():
-            if "version" in report:
-                self.model_version.set(
-                    report["version"],
-                    tags={"segment": self.segment, "stage": stage, "model": report["model"]},
-                )
+        self._models = [
+            (
+                float(report["version"]),
+                {"segment": self.segment, "stage": stage, "model": str(report["model"])},
+            )
+            for stage, report in self.chain.status().items()
+            if "version" in report
+        ]
 
     def status(self) -> dict[str, Any]:
         """Stages, what they serve, and the recent batch sizes this replica saw."""

@@ -4,28 +4,48 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import ray
 from ray import serve
 
 from serve_app.app import AppArgs, build_app
-from stageline.localray import local_ray_options
+from stageline._io import atomic_write_bytes
+from stageline.localray import local_ray_options, serve_record_path
 from stageline.spec import load_spec
 
 
 def start(
-    args: AppArgs, *, host: str = "127.0.0.1", port: int = 8000, num_cpus: float | None = None
+    args: AppArgs,
+    *,
+    home: Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    num_cpus: float | None = None,
+    metrics_port: int | None = None,
 ) -> str:
     """Start a local Ray on loopback, Serve on ``host:port`` and the app; its URL.
 
     Returns once every deployment is running (Serve waits for the replicas).
+    Records the cluster in ``serve_record_path(home)`` so ``stageline serve --model`` finds
+    this very cluster, not whichever Ray started last on the machine.
     """
     if not ray.is_initialized():
-        ray.init(**local_ray_options(num_cpus=num_cpus))
+        ray.init(**local_ray_options(num_cpus=num_cpus, metrics_port=metrics_port))
     serve.start(http_options={"host": host, "port": port})
     deploy(args)
-    return f"http://{host}:{port}"
+    url = f"http://{host}:{port}"
+    record = {
+        "address": ray.get_runtime_context().gcs_address,
+        "url": url,
+        "pid": os.getpid(),
+        # A local ray.init() turns token authentication on unless told otherwise.
+        "auth_mode": os.environ.get("RAY_AUTH_MODE", "token"),
+    }
+    atomic_write_bytes(serve_record_path(home), json.dumps(record).encode())
+    return url
 
 
 def deploy(args: AppArgs) -> None:
@@ -34,20 +54,20 @@ def deploy(args: AppArgs) -> None:
     serve.run(build_app(args), name=name, route_prefix="/", blocking=False)
 
 
-def attach() -> bool:
-    """Connect to a Ray that is already running on this machine; False if none is."""
-    try:
-        ray.init(address="auto", namespace="stageline", logging_level=logging.ERROR)
-    except ConnectionError:
-        return False
-    return True
+def attach(record: dict[str, Any]) -> None:
+    """Connect to the cluster of a running ``stageline serve``: ``record`` comes from
+    :func:`stageline.localray.running_server`, called before Ray was imported."""
+    ray.init(address=record["address"], namespace="stageline", logging_level=logging.ERROR)
 
 
 def app_running(name: str) -> bool:
     return name in serve.status().applications
 
 
-def stop() -> None:
+def stop(home: Path | None = None) -> None:
+    """Shut down Serve and the local Ray this process started."""
+    if home is not None:
+        serve_record_path(home).unlink(missing_ok=True)
     if ray.is_initialized():
         try:
             serve.shutdown()  # type: ignore[no-untyped-call]

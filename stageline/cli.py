@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from stageline import localray
 from stageline.context import HOME_ENV, resolve_home
 from stageline.features import FeatureStoreError, materialize
 from stageline.registry import LocalRegistry, RegistryError, parse_model_ref
@@ -144,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key-file", help="require the API key in this file (or set $STAGELINE_API_KEY)"
     )
     srv.add_argument("--num-cpus", type=float, help="logical CPUs for Ray (default: 2 x cores)")
+    srv.add_argument(
+        "--metrics-port",
+        type=_positive,
+        default=8080,
+        help="Prometheus metrics (default: %(default)s)",
+    )
     srv.set_defaults(func=cmd_serve)
 
     mat = add(
@@ -325,23 +332,36 @@ def cmd_registry_alias(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     spec, home = load_spec(args.spec), resolve_home(args.home)
     ensure_demo(spec, home)
+    # Before serve_app imports Ray: connecting to a running server needs settings Ray
+    # reads at import.
+    running = localray.running_server(home) if args.model else None
     from serve_app import AppArgs, local
 
     app_args = AppArgs(
         spec=args.spec, home=str(home), model=args.model, api_key_file=args.api_key_file
     )
-    if args.model and local.attach():
-        if local.app_running(spec.name):
+    if running is not None:
+        local.attach(running)
+        try:
+            if not local.app_running(spec.name):
+                raise CliError(f"the Ray at {running['url']} runs no {spec.name!r} app")
             local.deploy(app_args)
-            print(f"{spec.name}: model stages now serve {args.model}")
-            return 0
-        local.stop()
-        raise CliError(f"a Ray is running here but no {spec.name!r} app: drop --model to start one")
-    print(f"starting Ray and the {spec.name!r} app (one deployment per stage) ...", file=sys.stderr)
+        finally:
+            ray_disconnect()
+        return report_models(str(running["url"]), args.model)
+    print(f"starting Ray and the {spec.name!r} app ...", file=sys.stderr)
     try:
-        url = local.start(app_args, host=args.host, port=args.port, num_cpus=args.num_cpus)
+        url = local.start(
+            app_args,
+            home=home,
+            host=args.host,
+            port=args.port,
+            num_cpus=args.num_cpus,
+            metrics_port=args.metrics_port,
+        )
         example = example_record(spec, home)
         print(f"serving {spec.name} at {url}  (docs: {url}/docs)")
+        print(f"metrics: http://127.0.0.1:{args.metrics_port}/metrics (Prometheus)")
         if example is not None:
             print(local.example_curl(url, example))
         print("Ctrl-C to stop", flush=True)
@@ -350,8 +370,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pass
     finally:
         print("stopping ...", file=sys.stderr)
-        local.stop()
+        local.stop(home)
     return 0
+
+
+def report_models(url: str, wanted: str) -> int:
+    """What the running app serves after a swap: a model that failed to load is an error."""
+    import os
+
+    import requests
+
+    key = os.environ.get("STAGELINE_API_KEY")
+    response = requests.get(f"{url}/models", headers={"X-API-Key": key} if key else {}, timeout=30)
+    if response.status_code != 200:
+        print(f"asked {url} to serve {wanted}; /models answered {response.status_code}")
+        return 0
+    failed = False
+    for model in response.json()["models"]:
+        line = f"{model['stage']}: serving {model['model']} v{model['version']} ({model['ref']})"
+        if model.get("load_error"):
+            failed = True
+            line += f"; could not load {wanted}: {model['load_error']}"
+        print(line)
+    if failed:
+        raise CliError(f"{wanted} did not load; the previous version keeps serving (see above)")
+    return 0
+
+
+def ray_disconnect() -> None:
+    """Leave a cluster this process only attached to (it keeps running)."""
+    import ray
+
+    ray.shutdown()
 
 
 def _wait_for_signal() -> None:
