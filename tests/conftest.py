@@ -51,17 +51,37 @@ def holdout(demo: DemoResult) -> pd.DataFrame:
     return pd.read_parquet(demo.holdout)
 
 
+GOOD_RECORD: dict[str, object] = {
+    "transaction_id": "t-1",
+    "customer_id": "c000001",
+    "amount": 42.5,
+    "merchant_category": "grocery",
+    "ts": "2026-01-20T10:15:00Z",
+    "country": "US",
+}
+"""One valid request record for the fraud spec."""
+
+
 @pytest.fixture
 def good_record() -> dict[str, object]:
-    """One valid request record for the fraud spec."""
-    return {
-        "transaction_id": "t-1",
-        "customer_id": "c000001",
-        "amount": 42.5,
-        "merchant_category": "grocery",
-        "ts": "2026-01-20T10:15:00Z",
-        "country": "US",
-    }
+    return dict(GOOD_RECORD)
+
+
+def register_challenger(home: Path) -> int:
+    """Register the champion's model again as a new version aliased ``challenger``."""
+    from stageline.registry import LocalRegistry
+
+    registry = LocalRegistry(home / "models")
+    champion = registry.load("fraud")
+    meta = champion.metadata
+    return registry.register(
+        "fraud",
+        champion.booster,
+        features=meta.features,
+        encoders=meta.encoders,
+        threshold=meta.threshold,
+        aliases=["challenger"],
+    ).version
 
 
 # --------------------------------------------------------------------------- Ray

@@ -14,8 +14,7 @@ import pytest
 import requests
 
 from stageline.demo.train import DemoResult
-from stageline.registry import LocalRegistry
-from tests.conftest import FRAUD_SPEC, free_port
+from tests.conftest import FRAUD_SPEC, free_port, register_challenger
 
 pytestmark = pytest.mark.e2e
 
@@ -38,17 +37,7 @@ def test_serve_answers_swaps_models_and_stops_cleanly(
 ) -> None:
     home = tmp_path / "home"
     shutil.copytree(demo.home, home)
-    registry = LocalRegistry(home / "models")
-    v1 = registry.load("fraud")
-    meta = v1.metadata
-    registry.register(
-        "fraud",
-        v1.booster,
-        features=meta.features,
-        encoders=meta.encoders,
-        threshold=meta.threshold,
-        aliases=["challenger"],
-    )
+    assert register_challenger(home) == 2
     port, metrics = free_port(), free_port()
     out = tmp_path / "serve.out"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -16,7 +16,7 @@ import pytest
 from stageline import Pipeline
 from stageline.cli import main
 from stageline.registry import LocalRegistry
-from tests.conftest import FRAUD_SPEC, ROOT
+from tests.conftest import FRAUD_SPEC, ROOT, register_challenger
 
 SPEC = str(FRAUD_SPEC)
 PREDICTION_KEYS = {
@@ -227,17 +227,7 @@ def test_registry_alias_moves_the_champion_and_predict_follows(
     tmp_path: Path,
     good_record: dict[str, object],
 ) -> None:
-    registry = LocalRegistry(home_copy / "models")
-    v1 = registry.load("fraud", 1)
-    meta = v1.metadata
-    registry.register(
-        "fraud",
-        v1.booster,
-        features=meta.features,
-        encoders=meta.encoders,
-        threshold=meta.threshold,
-        aliases=["challenger"],
-    )
+    assert register_challenger(home_copy) == 2
 
     code, out, _ = cli(capsys, "registry", "alias", "fraud", "champion", "2", "--home", home_copy)
     assert (code, out) == (0, "fraud@champion -> v2 (was v1)\n")

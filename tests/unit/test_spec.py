@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from stageline.spec import PipelineSpec, SpecError, load_spec
 from stageline.stages.validate import validate_frame
-from tests.conftest import FRAUD_SPEC
+from tests.conftest import FRAUD_SPEC, GOOD_RECORD
 
 CATEGORIES: tuple[str, ...] = (
     "grocery",
@@ -406,14 +406,7 @@ def _records(draw: st.DrawFn, good: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-GOOD = {
-    "transaction_id": "t-1",
-    "customer_id": "c000001",
-    "amount": 42.5,
-    "merchant_category": "grocery",
-    "ts": "2026-01-20T10:15:00Z",
-    "country": "US",
-}
+GOOD = GOOD_RECORD
 
 
 @settings(
