@@ -83,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--rounds", type=_positive, default=150, help="boosting rounds (default: %(default)s)"
     )
     demo.add_argument("--force", action="store_true", help="rebuild even if the demo exists")
+    demo.add_argument(
+        "--batch-rows",
+        type=int,
+        default=200_000,
+        help="rows of batch input written to <home>/demo/batch, ~1%% of them bad; 0: none "
+        "(default: %(default)s)",
+    )
     demo.set_defaults(func=cmd_demo)
 
     predict = add(
@@ -100,6 +107,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="write predictions here (.parquet, .csv or .jsonl); default: JSON lines on stdout",
     )
     predict.set_defaults(func=cmd_predict)
+
+    batch = add(
+        "batch",
+        "score a folder of files with Ray Data (incremental, bad rows quarantined)",
+        "Run the pipeline's stages over parquet or CSV files with Ray Data: one actor pool per "
+        "stage. Writes <output>/run=<id>/ (scored rows) and <output>/_quarantine/run=<id>/ "
+        "(rejected rows with stage and reason), published atomically; <output>/_manifest.json "
+        "records the processed inputs, so the next run scores only new files.",
+    )
+    batch.add_argument("--spec", default=DEFAULT_SPEC, help="pipeline spec (default: %(default)s)")
+    batch.add_argument(
+        "--input",
+        required=True,
+        help="parquet or CSV: a file, a folder, a glob or a URI (s3://...); "
+        "the demo writes <home>/demo/batch",
+    )
+    batch.add_argument("--output", required=True, help="output folder")
+    batch.add_argument(
+        "--full", action="store_true", help="reprocess every input file (replaces the output)"
+    )
+    batch.add_argument(
+        "--address",
+        help="Ray cluster to run on (auto, ray://host:10001, host:6379); "
+        "default: $RAY_ADDRESS, else a local Ray on 127.0.0.1",
+    )
+    batch.add_argument(
+        "--num-cpus", type=float, help="logical CPUs of the local Ray (default: 2 x cores)"
+    )
+    batch.set_defaults(func=cmd_batch)
 
     registry = add(
         "registry", "list, show and alias registered models", "The local model registry."
@@ -186,6 +222,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     spec, home = load_spec(args.spec), resolve_home(args.home)
     if demo_exists(home) and not args.force:
         print(f"demo already built under {home} (use --force to rebuild)")
+        from stageline.demo.batch import batch_dir, write_batch_input
+
+        if args.batch_rows > 0 and not batch_dir(home).exists():
+            parts = write_batch_input(home, rows=args.batch_rows)
+            print(
+                f"batch input: {args.batch_rows} rows in {len(parts)} files under {parts[0].parent}"
+            )
         return 0
     if args.force:
         for sub in ("demo", "features", "online", "models/fraud"):
@@ -206,6 +249,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"{meta.metrics['auc']:.3f}, threshold {meta.threshold:.3f} ({result.seconds:.1f} s)\n"
         f"held-out transactions: {result.holdout}"
     )
+    if args.batch_rows > 0:
+        from stageline.demo.batch import write_batch_input
+
+        parts = write_batch_input(home, rows=args.batch_rows)
+        print(f"batch input: {args.batch_rows} rows in {len(parts)} files under {parts[0].parent}")
     return 0
 
 
@@ -246,6 +294,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
         + (f"; wrote {args.output}" if args.output else ""),
         file=sys.stderr,
     )
+    return 0
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    spec, home = load_spec(args.spec), resolve_home(args.home)
+    ensure_demo(spec, home)
+    from batch_app.run import connect, run
+
+    connected = connect(args.address, num_cpus=args.num_cpus)
+    try:
+        summary = run(spec, args.input, args.output, home, full=args.full)
+    finally:
+        if connected:
+            ray_disconnect()
+    print(summary.line())
     return 0
 
 

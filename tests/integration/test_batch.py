@@ -1,0 +1,241 @@
+"""Batch inference with Ray Data on the session's local Ray: parity with the
+in-process pipeline, the quarantine, incremental runs and crash recovery."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from batch_app.run import MANIFEST, QUARANTINE, STAGING, Summary, run
+from stageline import Pipeline
+from stageline.cli import main
+from stageline.demo.batch import BAD_KINDS, transactions
+from stageline.spec import PipelineSpec
+from tests.conftest import FRAUD_SPEC, SMALL_DEMO
+
+pytestmark = pytest.mark.integration
+
+REQUEST = ["transaction_id", "customer_id", "amount", "merchant_category", "ts", "country"]
+
+
+def scored(output: Path) -> pd.DataFrame:
+    """Every published scored row under ``output``."""
+    parts = sorted(output.glob("run=*/*.parquet"))
+    frames = [pd.read_parquet(p) for p in parts]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def quarantined(output: Path) -> pd.DataFrame:
+    parts = sorted((output / QUARANTINE).glob("run=*/*.parquet"))
+    frames = [pd.read_parquet(p) for p in parts]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def test_batch_scores_equal_in_process_pipeline_scores(
+    ray_session: None, fraud_spec: PipelineSpec, demo_home: Path, holdout: pd.DataFrame, tmp_path
+):
+    rows = holdout.iloc[:1500][REQUEST].reset_index(drop=True)
+    rows.loc[rows.index[::7], "country"] = None  # optional field missing: its default applies
+    assert rows["customer_id"].str.startswith("u").any(), "want customers the store never saw"
+    source = tmp_path / "in"
+    source.mkdir()
+    rows.iloc[:900].to_parquet(source / "part-0.parquet")
+    rows.iloc[900:].to_parquet(source / "part-1.parquet")
+
+    summary = run(fraud_spec, source, tmp_path / "out", demo_home)
+
+    assert (summary.rows_in, summary.rows_out, summary.rows_quarantined) == (1500, 1500, 0)
+    assert summary.models == ("fraud v1",)
+    out = scored(tmp_path / "out").set_index("transaction_id").loc[rows["transaction_id"]]
+    expected = Pipeline(fraud_spec, demo_home).predict(rows).set_index("transaction_id")
+    assert expected["error"].isna().all()
+    np.testing.assert_array_equal(out["score"].to_numpy(), expected["score"].to_numpy())
+    np.testing.assert_array_equal(out["label"].to_numpy(), expected["label"].to_numpy(bool))
+    assert [list(r) for r in out["reasons"]] == [list(r) for r in expected["reasons"]]
+    assert set(out["model_name"]) == {"fraud"}
+    assert set(out["model_version"]) == {1}
+    assert set(out["run_id"]) == {summary.run_id}
+
+
+BAD_ROWS: list[tuple[dict[str, str | None], str]] = [
+    ({"transaction_id": None}, "transaction_id: required field is missing"),
+    ({"customer_id": None}, "customer_id: required field is missing"),
+    ({"customer_id": "c" * 65}, "customer_id: must be a string of at most 64 characters"),
+    ({"amount": None}, "amount: required field is missing"),
+    ({"amount": "abc"}, "amount: must be a finite number"),
+    ({"amount": "inf"}, "amount: must be a finite number"),
+    ({"amount": "-5"}, "amount: must be >= 0"),
+    ({"amount": "2000000"}, "amount: must be <= 1000000"),
+    ({"merchant_category": None}, "merchant_category: required field is missing"),
+    ({"merchant_category": "casino"}, "merchant_category: must be one of"),
+    ({"ts": None}, "ts: required field is missing"),
+    ({"ts": "not-a-date"}, "ts: must be an ISO 8601 date-time"),
+    ({"ts": "1500-01-01T00:00:00Z"}, "ts: must be an ISO 8601 date-time"),
+    ({"country": "USA"}, "country: must be a string of at most 2 characters"),
+]
+"""One row per rule of the fraud spec's request schema, and the reason it gets."""
+
+
+def test_every_request_rule_is_quarantined_with_its_reason(
+    ray_session: None, fraud_spec: PipelineSpec, demo_home: Path, holdout: pd.DataFrame, tmp_path
+):
+    # Text columns, as a CSV export or JSON landing zone gives them: every rule applies.
+    base = holdout.iloc[:40][REQUEST].reset_index(drop=True)
+    base["ts"] = base["ts"].map(lambda t: t.isoformat())
+    base["amount"] = base["amount"].map(str)
+    records: list[dict[str, object]] = [
+        {str(k): v for k, v in r.items()} for r in base.to_dict(orient="records")
+    ]
+    for i, (change, _reason) in enumerate(BAD_ROWS):
+        records[i] = {**records[i], "transaction_id": f"bad-{i}", **change}
+    frame = pd.DataFrame.from_records(records, columns=REQUEST).astype(object)
+    source = tmp_path / "bad.parquet"
+    frame.to_parquet(source)
+    good = len(frame) - len(BAD_ROWS)
+
+    summary = run(fraud_spec, source, tmp_path / "out", demo_home)
+
+    assert (summary.rows_in, summary.rows_out, summary.rows_quarantined) == (40, good, 14)
+    assert summary.rows_in == summary.rows_out + summary.rows_quarantined
+    q = quarantined(tmp_path / "out")
+    assert len(q) == len(BAD_ROWS)
+    assert set(q["stage"]) == {"validate"}
+    by_amount = dict(zip(q["reason"], q["amount"], strict=True))
+    for change, reason in BAD_ROWS:
+        hits = [r for r in q["reason"] if r.startswith(reason)]
+        assert hits, f"no quarantined row says {reason!r}"
+        if "amount" in change and change["amount"] is not None:
+            # the original value, as it arrived, for the user to find and fix
+            assert any(by_amount[h] == change["amount"] for h in hits)
+    assert q["record"].map(lambda r: set(json.loads(r)) == set(REQUEST)).all()
+    # The same reasons the in-process pipeline gives, row for row.
+    expected = Pipeline(fraud_spec, demo_home).predict(frame)
+    assert sorted(q["stage"] + ": " + q["reason"]) == sorted(expected["error"].dropna())
+    out = scored(tmp_path / "out")
+    assert sorted(out["transaction_id"]) == sorted(frame["transaction_id"].iloc[len(BAD_ROWS) :])
+
+
+def _runs(output: Path) -> list[str]:
+    return sorted(p.name for p in output.glob("run=*"))
+
+
+def test_incremental_runs_crashes_and_full(
+    ray_session: None,
+    fraud_spec: PipelineSpec,
+    demo_home: Path,
+    holdout: pd.DataFrame,
+    tmp_path,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    source, output = tmp_path / "in", tmp_path / "out"
+    source.mkdir()
+    rows = holdout[REQUEST].reset_index(drop=True)
+
+    def add(name: str, part: slice) -> None:
+        rows.iloc[part].to_parquet(source / f"{name}.parquet")
+
+    def go(full: bool = False) -> Summary:
+        return run(fraud_spec, source, output, demo_home, full=full)
+
+    add("a", slice(0, 300))
+    first = go()
+    assert (first.rows_in, first.files) == (300, 1)
+
+    # A new file arrives; the run dies after writing its output to staging.
+    add("b", slice(300, 500))
+    monkeypatch.setenv("STAGELINE_BATCH_FAULT", "staged")
+    with pytest.raises(SystemExit):
+        go()
+    assert _runs(output) == [f"run={first.run_id}"], "a crashed run published nothing"
+    assert any((output / STAGING).iterdir())
+    assert len(scored(output)) == 300
+
+    # The rerun drops the stale staging and scores only the new file.
+    monkeypatch.delenv("STAGELINE_BATCH_FAULT")
+    second = go()
+    assert (second.rows_in, second.files) == (200, 1)
+    assert not any((output / STAGING).iterdir())
+    out = scored(output)
+    assert len(out) == 500
+    assert out["transaction_id"].is_unique
+
+    # Dies after committing the manifest, before publishing: the next run publishes it.
+    add("c", slice(500, 600))
+    monkeypatch.setenv("STAGELINE_BATCH_FAULT", "committed")
+    with pytest.raises(SystemExit):
+        go()
+    assert len(_runs(output)) == 2
+    monkeypatch.delenv("STAGELINE_BATCH_FAULT")
+    nothing = go()
+    assert nothing.run_id is None
+    assert "no new input" in nothing.line()
+    out = scored(output)
+    assert len(_runs(output)) == 3
+    assert len(out) == 600
+    assert out["transaction_id"].is_unique
+    manifest = json.loads((output / MANIFEST).read_text())
+    assert sorted(Path(p).name for p in manifest["files"]) == [
+        "a.parquet",
+        "b.parquet",
+        "c.parquet",
+    ]
+    assert sum(r["rows_in"] for r in manifest["runs"]) == 600
+
+    # --full: everything again, into a fresh output.
+    full = go(full=True)
+    assert (full.rows_in, full.files) == (600, 3)
+    assert _runs(output) == [f"run={full.run_id}"]
+    out = scored(output)
+    assert len(out) == 600
+    assert out["transaction_id"].is_unique
+    assert [r["run_id"] for r in json.loads((output / MANIFEST).read_text())["runs"]] == [
+        full.run_id
+    ]
+
+
+def test_cli_batch_on_demo_input(
+    ray_session: None, demo_home: Path, tmp_path, capsys: pytest.CaptureFixture[str]
+):
+    frame = transactions(
+        2000, customers=SMALL_DEMO["customers"], days=SMALL_DEMO["days"], bad_share=0.02
+    )
+    source, output = tmp_path / "batch", tmp_path / "out"
+    source.mkdir()
+    frame.iloc[:1000].to_parquet(source / "part-000.parquet")
+    frame.iloc[1000:].to_parquet(source / "part-001.parquet")
+    argv = ["batch", "--spec", str(FRAUD_SPEC), "--home", str(demo_home)]
+    argv += ["--input", str(source), "--output", str(output)]
+
+    assert main(argv) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "2000 rows in from 2 file(s) -> 1960 scored, 40 quarantined" in line
+    assert "fraud v1" in line
+    assert str(output) in line
+    assert "rows/s" in line
+    q = quarantined(output)
+    reasons = set(q["reason"].str.split(":").str[0])
+    assert reasons == {"amount", "merchant_category", "customer_id", "ts"}, BAD_KINDS
+    assert len(scored(output)) == 1960
+
+    assert main(argv) == 0
+    assert "no new input" in capsys.readouterr().out
+
+
+def test_a_second_run_on_the_same_output_is_refused(
+    fraud_spec: PipelineSpec, demo_home: Path, tmp_path
+):
+    import fcntl
+
+    from batch_app.run import LOCK
+
+    output = tmp_path / "out"
+    output.mkdir()
+    (tmp_path / "in.parquet").write_bytes(b"")
+    with (output / LOCK).open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ValueError, match="another batch run"):
+            run(fraud_spec, tmp_path / "in.parquet", output, demo_home)
