@@ -1,20 +1,27 @@
 """Build the Ray Data pipeline of a spec: read, validate, one ``map_batches`` per segment.
 
 The very stage classes the in-process :class:`~stageline.pipeline.Pipeline` and
-Ray Serve run: each segment of ``spec.segments()`` becomes a
-:class:`~stageline.pipeline.StageChain` actor pool (validation rides with the
-first segment), so no stage code is written twice.
+Ray Serve run: each segment of ``spec.batch_segments()`` (by default the whole
+chain) becomes a :class:`~stageline.pipeline.StageChain` actor pool, validation
+riding with the first, so no stage code is written twice.
+
+Memory stays flat however large the input: reads produce blocks of about
+``batch.block_mb``, the pools take ``batch_size`` rows at a time, and Ray Data's
+streaming executor holds back reads while the pools are busy.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import ray
 import ray.data
 
@@ -39,26 +46,66 @@ def build_dataset(
     paths = _paths(source)
     if not paths:
         raise ValueError("no input files to read")
-    ds = _read(paths)
     home_arg = str(Path(home).resolve()) if home is not None else None
-    for i, segment in enumerate(spec.segments()):
-        first = spec.stage(segment.stages[0])
-        conf = first.batch
-        lo, hi = conf.actors
-        ds = ds.map_batches(
-            BatchChain,
-            fn_constructor_kwargs={
-                "spec": spec,
-                "stages": list(segment.stages),
-                "home": home_arg,
-                "validate": i == 0,
-            },
-            batch_format="pandas",
-            batch_size=conf.batch_size,
-            compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
-            num_cpus=conf.num_cpus,
-        )
+    segments = spec.batch_segments()
+    # Reads are cheap next to scoring: as many read tasks at a time as the first pool
+    # has actors keeps it fed, and bounds the workers (and memory) reads take.
+    readers = spec.stage(segments[0].stages[0]).batch.actors[1]
+    with _block_size(spec.batch.block_mb):
+        ds = _read(paths, readers)
+        for i, segment in enumerate(segments):
+            conf = spec.stage(segment.stages[0]).batch
+            lo, hi = conf.actors
+            ds = ds.map_batches(
+                BatchChain,
+                fn_constructor_kwargs={
+                    "spec": spec,
+                    "stages": list(segment.stages),
+                    "home": home_arg,
+                    "validate": i == 0,
+                },
+                batch_format="pandas",
+                batch_size=conf.batch_size,
+                compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
+                num_cpus=conf.num_cpus,
+            )
     return ds
+
+
+READ_ENV = {
+    "env_vars": {
+        "ARROW_DEFAULT_MEMORY_POOL": "system",
+        "RAY_DATA_ARROW_SCANNER_BATCH_READAHEAD": "1",
+    }
+}
+"""For the processes that read: Arrow's default allocator (jemalloc) keeps what a
+read freed, and Ray Data has the scanner decode 8 batches ahead. With these, a read
+worker holds about one block beyond its own code, however much it has read."""
+
+_PARQUET_READ_UNIT_ENV = "RAY_DATA_PARQUET_BIN_PACKING_BYTES"
+"""Ray Data (2.60) packs parquet row groups into read tasks of up to this many bytes,
+128 MiB by default: one task then reads millions of rows and its worker's memory grows
+with the input up to that size. Read when a dataset is created, on the driver."""
+
+
+@contextmanager
+def _block_size(mb: float) -> Iterator[None]:
+    """Datasets created inside read ``mb`` MiB per task and make blocks of about that
+    size (each keeps a copy of the context it was created with); the process-wide
+    settings are restored after."""
+    size = int(mb * 1024 * 1024)
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.target_max_block_size, os.environ.get(_PARQUET_READ_UNIT_ENV)
+    ctx.target_max_block_size = size
+    os.environ[_PARQUET_READ_UNIT_ENV] = str(size)
+    try:
+        yield
+    finally:
+        ctx.target_max_block_size = saved[0]
+        if saved[1] is None:
+            os.environ.pop(_PARQUET_READ_UNIT_ENV, None)
+        else:
+            os.environ[_PARQUET_READ_UNIT_ENV] = saved[1]
 
 
 class BatchChain(StageChain):
@@ -76,6 +123,13 @@ class BatchChain(StageChain):
         for col in (ERROR_COLUMN, RAW_COLUMN):
             if col in out.columns:
                 out[col] = out[col].astype(object).where(out[col].notna(), None)
+        # Lists that came in from Arrow are numpy arrays; Ray would try to store them
+        # as tensors, fail on text, and fall back to pickles. Plain lists are Arrow lists.
+        for col in out.columns:
+            if out[col].dtype == object:
+                first = out[col].dropna().head(1).tolist()
+                if first and isinstance(first[0], np.ndarray):
+                    out[col] = [v.tolist() if isinstance(v, np.ndarray) else v for v in out[col]]
         return out
 
 
@@ -100,17 +154,31 @@ def plain_dtypes(batch: pd.DataFrame) -> pd.DataFrame:
     )
 
 
+def csv_convert_options() -> pacsv.ConvertOptions:
+    """An empty CSV field is a missing value (as pandas writes ``None``), in every column;
+    no other text is: ``NA`` is Namibia's country code, not a null."""
+    return pacsv.ConvertOptions(null_values=[""], strings_can_be_null=True)
+
+
 def _paths(source: Source) -> list[str]:
     if isinstance(source, str | os.PathLike):
         return [os.fspath(source)]
     return [os.fspath(p) for p in source]
 
 
-def _read(paths: list[str]) -> ray.data.Dataset:
+def _read(paths: list[str], readers: int) -> ray.data.Dataset:
     """Parquet unless every path names a CSV file; Ray expands directories and globs."""
     csv = [p.lower().endswith(CSV_SUFFIXES) for p in paths]
     if all(csv):
-        return ray.data.read_csv(paths, file_extensions=["csv", "gz"])
+        return ray.data.read_csv(
+            paths,
+            file_extensions=["csv", "gz"],
+            convert_options=csv_convert_options(),
+            concurrency=readers,
+            runtime_env=READ_ENV,
+        )
     if any(csv):
         raise ValueError("mixed CSV and parquet inputs: pass one format per run")
-    return ray.data.read_parquet(paths, file_extensions=["parquet"])
+    return ray.data.read_parquet(
+        paths, file_extensions=["parquet"], concurrency=readers, runtime_env=READ_ENV
+    )

@@ -262,8 +262,13 @@ def ensure_demo(spec: PipelineSpec, home: Path) -> None:
     from stageline.demo.train import MODEL, build_demo, demo_exists
 
     if spec.name == "fraud" and not demo_exists(home) and not (home / "models" / MODEL).exists():
+        from stageline.demo.batch import batch_dir, write_batch_input
+
         print(f"no demo world under {home} yet: building it first ...", file=sys.stderr)
         build_demo(spec, home)
+        if not batch_dir(home).exists():
+            parts = write_batch_input(home)
+            print(f"batch input: {len(parts)} files under {parts[0].parent}", file=sys.stderr)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -319,7 +324,8 @@ def read_records(path: Path) -> pd.DataFrame:
     if suffix == ".parquet" or path.is_dir():
         return pd.read_parquet(path)
     if suffix == ".csv":
-        return pd.read_csv(path)
+        # As batch reads CSV: only an empty field is missing ("NA" is a country code).
+        return pd.read_csv(path, keep_default_na=False, na_values=[""])
     if suffix in (".jsonl", ".ndjson"):
         # Plain JSON records, as an HTTP client sends them: no pandas type guessing.
         with path.open() as f:

@@ -13,7 +13,7 @@ import inspect
 import math
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -358,6 +358,19 @@ class ServeAppSpec(_Config):
     ingress: IngressSpec = IngressSpec()
 
 
+class BatchAppSpec(_Config):
+    """Options of batch runs as a whole."""
+
+    fuse: Literal["all"] | tuple[tuple[str, ...], ...] = "all"
+    """Groups of adjacent stages that share one actor pool. ``all`` (the default) runs
+    the whole chain in one pool: between pools a batch only travels through the object
+    store, which costs memory and CPU and buys nothing on one machine. Each pool takes
+    the ``batch:`` options of its first stage."""
+    block_mb: float = Field(default=8.0, gt=0, le=1024)
+    """Target size of the blocks Ray Data reads (MiB): with the actor pool's batch
+    size, what bounds a run's memory however large the input is."""
+
+
 @dataclass(frozen=True)
 class Segment:
     """A run of adjacent stages that one runtime unit executes (a deployment, an actor pool)."""
@@ -376,6 +389,7 @@ class PipelineSpec(_Config):
     features: FeatureStoreSpec = FeatureStoreSpec()
     stages: tuple[StageSpec, ...] = Field(min_length=1)
     serve: ServeAppSpec = ServeAppSpec()
+    batch: BatchAppSpec = BatchAppSpec()
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 
@@ -389,24 +403,9 @@ class PipelineSpec(_Config):
                     f"stage names must be unique; {name!r} is already stages[{names.index(name)}]",
                 )
         order = {n: i for i, n in enumerate(names)}
-        seen: set[str] = set()
-        for g, group in enumerate(self.serve.fuse):
-            where = ("serve", "fuse", g)
-            unknown = [n for n in group if n not in order]
-            if unknown:
-                raise _LocatedError(
-                    where, f"serve.fuse names unknown stage(s) {unknown}; stages: {names}"
-                )
-            idx = sorted(order[n] for n in group)
-            if idx != list(range(idx[0], idx[0] + len(idx))):
-                raise _LocatedError(
-                    where, f"serve.fuse group {list(group)} is not a run of adjacent stages"
-                )
-            if seen & set(group):
-                raise _LocatedError(
-                    where, f"serve.fuse lists a stage twice: {sorted(seen & set(group))}"
-                )
-            seen |= set(group)
+        seen = _check_fuse("serve", self.serve.fuse, names)
+        if self.batch.fuse != "all":
+            _check_fuse("batch", self.batch.fuse, names)
         for i, name in enumerate(self.serve.inline):
             if name not in order:
                 raise _LocatedError(
@@ -430,26 +429,64 @@ class PipelineSpec(_Config):
                 return s
         raise KeyError(name)
 
+    def batch_segments(self) -> list[Segment]:
+        """The actor pools of a batch run: the whole chain (``batch.fuse: all``), else
+        one per fused group and one per remaining stage."""
+        if self.batch.fuse == "all":
+            names = tuple(s.name for s in self.stages)
+            return [Segment(names[0] if len(names) == 1 else f"{names[0]}+{names[-1]}", names)]
+        return _fused_segments(self.stages, self.batch.fuse, inline=())
+
     def segments(self) -> list[Segment]:
         """Where the deployment boundaries fall: one segment per stage, a fused group,
         or a run of adjacent inline stages. Placement never changes what is computed."""
-        group_of = {n: g for g in self.serve.fuse for n in g}
-        inline = set(self.serve.inline)
-        out: list[Segment] = []
-        for stage in self.stages:
-            name = stage.name
-            if name in group_of:
-                group = group_of[name]
-                if out and out[-1].stages[0] in group:
-                    continue
-                ordered = tuple(s.name for s in self.stages if s.name in group)
-                out.append(Segment(f"{ordered[0]}+{ordered[-1]}", ordered))
-            elif name in inline and out and out[-1].inline:
-                last = out[-1]
-                out[-1] = Segment(last.name, (*last.stages, name), inline=True)
-            else:
-                out.append(Segment(name, (name,), inline=name in inline))
-        return out
+        return _fused_segments(self.stages, self.serve.fuse, self.serve.inline)
+
+
+def _fused_segments(
+    stages: Sequence[StageSpec], fuse: Sequence[Sequence[str]], inline: Sequence[str]
+) -> list[Segment]:
+    group_of = {n: tuple(g) for g in fuse for n in g}
+    inlined = set(inline)
+    out: list[Segment] = []
+    for stage in stages:
+        name = stage.name
+        if name in group_of:
+            group = group_of[name]
+            if out and out[-1].stages[0] in group:
+                continue
+            ordered = tuple(s.name for s in stages if s.name in group)
+            out.append(Segment(f"{ordered[0]}+{ordered[-1]}", ordered))
+        elif name in inlined and out and out[-1].inline:
+            last = out[-1]
+            out[-1] = Segment(last.name, (*last.stages, name), inline=True)
+        else:
+            out.append(Segment(name, (name,), inline=name in inlined))
+    return out
+
+
+def _check_fuse(section: str, fuse: Sequence[Sequence[str]], names: list[str]) -> set[str]:
+    """Every group a run of adjacent, known stages, no stage twice; the stages fused."""
+    order = {n: i for i, n in enumerate(names)}
+    seen: set[str] = set()
+    for g, group in enumerate(fuse):
+        where = (section, "fuse", g)
+        unknown = [n for n in group if n not in order]
+        if unknown:
+            raise _LocatedError(
+                where, f"{section}.fuse names unknown stage(s) {unknown}; stages: {names}"
+            )
+        idx = sorted(order[n] for n in group)
+        if idx != list(range(idx[0], idx[0] + len(idx))):
+            raise _LocatedError(
+                where, f"{section}.fuse group {list(group)} is not a run of adjacent stages"
+            )
+        if seen & set(group):
+            raise _LocatedError(
+                where, f"{section}.fuse lists a stage twice: {sorted(seen & set(group))}"
+            )
+        seen |= set(group)
+    return seen
 
 
 # --------------------------------------------------------------------------- loading

@@ -164,23 +164,41 @@ def _process_good_rows(
     processed = stage.process(batch.iloc[good_idx].reset_index(drop=True))
     check_rows(stage.name, len(good_idx), processed)
     for col in processed.columns:
-        values = processed[col]
-        if col in out.columns and col != ERROR_COLUMN and values.dtype == out[col].dtype:
-            column = out[col].to_numpy(copy=True)
-            column[good_idx] = values.to_numpy()
-            out[col] = column
-            continue
-        full = pd.Series([None] * len(batch), dtype=object)
-        full.iloc[good_idx] = values.astype(object).to_numpy()
-        if values.dtype.kind in "fiu":
-            full = full.astype("float64")
-        elif values.dtype.kind == "b":
-            full = full.astype("boolean")
-        elif values.dtype.kind == "M":
-            full = pd.to_datetime(full, utc=True)
-        full.index = batch.index
-        if col == ERROR_COLUMN:
-            prior = batch[ERROR_COLUMN].to_numpy()
-            full = full.astype(object).where(~bad, prior)
-        out[col] = full
+        out[col] = _merge_column(col, batch, bad, good_idx, processed[col])
     return out
+
+
+def _merge_column(
+    col: str,
+    batch: pd.DataFrame,
+    bad: np.ndarray[Any, np.dtype[np.bool_]],
+    good_idx: np.ndarray[Any, np.dtype[np.intp]],
+    values: pd.Series,
+) -> pd.Series:
+    """Column ``col`` for the whole batch: ``values`` on the good rows, and on the bad rows
+    what they had (null where the column is new). Vectorized for every dtype."""
+    if col == ERROR_COLUMN:
+        column = batch[col].to_numpy(dtype=object, copy=True)
+        column[good_idx] = values.to_numpy(dtype=object)
+        column[pd.isna(column)] = None  # no error is None, never NaN
+        return pd.Series(column, index=batch.index, dtype=object)
+    if col in batch.columns and values.dtype == batch[col].dtype:
+        merged = batch[col].array.copy()
+        merged[good_idx] = values.array
+        return pd.Series(merged, index=batch.index)
+    n, kind = len(batch), values.dtype.kind
+    if kind in "fiu":
+        numbers = np.full(n, np.nan)
+        numbers[good_idx] = values.to_numpy(dtype="float64", na_value=np.nan)
+        return pd.Series(numbers, index=batch.index)
+    if kind == "b":
+        flags = pd.array([pd.NA] * n, dtype="boolean")
+        flags[good_idx] = values.to_numpy(dtype=bool)
+        return pd.Series(flags, index=batch.index)
+    if kind == "M":
+        times = pd.Series(pd.NaT, index=batch.index, dtype="datetime64[ns, UTC]")
+        times.iloc[good_idx] = pd.to_datetime(values, utc=True).to_numpy()
+        return times
+    objects = np.full(n, None, dtype=object)
+    objects[good_idx] = values.to_numpy(dtype=object)
+    return pd.Series(objects, index=batch.index, dtype=object)

@@ -9,6 +9,7 @@ shows its quarantine.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,8 @@ import pyarrow.parquet as pq
 from stageline.demo import data
 
 BATCH_DIR = "demo/batch"
+ROWS_PER_FILE = 250_000
+ROW_GROUP = 65_536
 BAD_KINDS = ("negative_amount", "unknown_category", "missing_customer_id", "bad_ts")
 
 
@@ -30,7 +33,7 @@ def write_batch_input(
     home: Path,
     *,
     rows: int = 200_000,
-    files: int = 4,
+    files: int | None = None,
     bad_share: float = 0.01,
     customers: int | None = None,
     days: int | None = None,
@@ -38,7 +41,9 @@ def write_batch_input(
 ) -> list[Path]:
     """Write ``rows`` transactions as ``files`` parquet files under ``<home>/demo/batch``.
 
-    Customers and days default to the demo world's (``demo/world.json``). Returns the files.
+    Customers and days default to the demo world's (``demo/world.json``); files to one
+    per :data:`ROWS_PER_FILE` rows (at least 4). Row groups of :data:`ROW_GROUP` rows, as
+    a warehouse export writes them. Returns the files.
     """
     world = _world(home)
     frame = transactions(
@@ -53,9 +58,10 @@ def write_batch_input(
     for old in folder.glob("part-*.parquet"):
         old.unlink()
     paths = []
-    for i, part in enumerate(np.array_split(np.arange(len(frame)), max(1, files))):
+    count = files if files is not None else max(4, math.ceil(rows / ROWS_PER_FILE))
+    for i, part in enumerate(np.array_split(np.arange(len(frame)), max(1, count))):
         path = folder / f"part-{i:03d}.parquet"
-        pq.write_table(_table(frame.iloc[part]), path)
+        pq.write_table(_table(frame.iloc[part]), path, row_group_size=ROW_GROUP)
         paths.append(path)
     return paths
 

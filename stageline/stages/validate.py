@@ -180,6 +180,9 @@ def _coerce(raw: pd.Series[Any], field: FieldSpec) -> tuple[pd.Series[Any], Mask
     elif raw.dtype.kind in "iuf":
         text = raw.astype(str).where(raw.notna(), None)
         bad = np.zeros(n, dtype=bool)
+    elif isinstance(raw.dtype, pd.StringDtype):  # text or missing already, as parquet reads
+        text = raw
+        bad = np.zeros(n, dtype=bool)
     else:
         # Numbers become their text, as online (coerce_numbers_to_str); a category is text.
         numbers = (int, float) if kind == "str" else ()
@@ -192,12 +195,15 @@ def _coerce(raw: pd.Series[Any], field: FieldSpec) -> tuple[pd.Series[Any], Mask
         outside = np.asarray(~text.isin(allowed), dtype=bool)
         return text, bad | outside, f"must be one of {allowed}"
     if field.max_length is not None:
-        too_long = np.asarray(
-            text.astype(object).map(
-                lambda v: isinstance(v, str) and len(v) > (field.max_length or 0)
-            ),
-            dtype=bool,
-        )
+        if isinstance(text.dtype, pd.StringDtype):
+            too_long = np.asarray(text.str.len().fillna(0) > field.max_length, dtype=bool)
+        else:
+            too_long = np.asarray(
+                text.astype(object).map(
+                    lambda v: isinstance(v, str) and len(v) > (field.max_length or 0)
+                ),
+                dtype=bool,
+            )
         if too_long.any():
             return (
                 text,

@@ -15,14 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import pytest
 import requests
 import yaml
 from ray import serve
 
-from stageline import Pipeline
-from stageline.pipeline import records as plain_records
 from stageline.spec import PipelineSpec
 from tests.conftest import FRAUD_SPEC, deploy_app
 
@@ -80,16 +77,6 @@ def assert_error(resp: requests.Response, status: int, code: str | None = None) 
     assert body["request_id"], body
     assert body["request_id"] == resp.headers["x-request-id"]
     return dict(error)
-
-
-def client_records(frame: pd.DataFrame, fields: list[str]) -> list[Json]:
-    """Rows as a client's JSON records: ISO 8601 times, a null field left out."""
-    out = []
-    for row in frame[fields].to_dict(orient="records"):
-        record = {str(k): v for k, v in row.items() if v is not None and not pd.isna(v)}
-        record["ts"] = pd.Timestamp(record["ts"]).isoformat()
-        out.append(record)
-    return out
 
 
 def fraud_variant(
@@ -358,41 +345,6 @@ def test_request_id_is_generated_when_not_sent(fraud_url: str, good_record: Json
     assert ids == [first.headers["x-request-id"], second.headers["x-request-id"]]
     assert all(ids)
     assert ids[0] != ids[1]
-
-
-# --------------------------------------------------------------------------- parity
-
-
-def test_http_scores_equal_in_process_scores(
-    fraud_url: str, fraud_spec: PipelineSpec, demo_home: Path, holdout: pd.DataFrame
-):
-    """Served over HTTP, the held-out transactions score exactly as in process."""
-    fields = list(fraud_spec.request.fields)
-    frame = holdout[fields].head(300).reset_index(drop=True)
-    unknown = frame.index % 20 == 3
-    frame.loc[unknown, "customer_id"] = [f"c-new-{i}" for i in frame.index[unknown]]
-    frame["country"] = frame["country"].astype(object)
-    frame.loc[7, "country"] = None  # the optional field left out: its default applies
-    sent = client_records(frame, fields)
-    assert "country" not in sent[7]
-
-    chunks = [sent[i : i + 50] for i in range(0, len(sent), 50)]
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        responses = list(pool.map(lambda c: post(f"{fraud_url}/predict", {"records": c}), chunks))
-    served: dict[str, tuple[float, bool, list[str]]] = {}
-    for resp in responses:
-        assert resp.status_code == 200, resp.text
-        for p in resp.json()["predictions"]:
-            served[p["id"]] = (p["score"], p["label"], p["reasons"])
-
-    expected = Pipeline(fraud_spec, demo_home).predict(frame)
-    assert expected["error"].isna().all()
-    reference = {
-        r["transaction_id"]: (r["score"], r["label"], r["reasons"]) for r in plain_records(expected)
-    }
-    assert len(served) == len(reference) == 300
-    mismatched = {i: (served[i], reference[i]) for i in reference if served[i] != reference[i]}
-    assert not mismatched
 
 
 # --------------------------------------------------------------------------- client errors

@@ -239,3 +239,20 @@ def test_a_second_run_on_the_same_output_is_refused(
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(ValueError, match="another batch run"):
             run(fraud_spec, tmp_path / "in.parquet", output, demo_home)
+
+
+def test_cli_batch_on_an_empty_home_builds_the_demo_first(
+    ray_session: None, tmp_path, capsys: pytest.CaptureFixture[str]
+):
+    home, output = tmp_path / "home", tmp_path / "out"
+    argv = ["batch", "--spec", str(FRAUD_SPEC), "--home", str(home)]
+    argv += ["--input", str(home / "demo" / "batch"), "--output", str(output)]
+
+    assert main(argv) == 0
+
+    captured = capsys.readouterr()
+    assert "building it first" in captured.err
+    line = captured.out.strip().splitlines()[-1]
+    assert "200000 rows in from 4 file(s) -> 198000 scored, 2000 quarantined" in line
+    assert "fraud v1" in line
+    assert len(scored(output)) == 198_000

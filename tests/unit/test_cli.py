@@ -408,3 +408,14 @@ def test_cli_runs_from_the_repo_root_with_the_default_spec(
     code, out, _ = cli(capsys, "materialize", "--view", "customer_stats", "--home", home_copy)
     assert code == 0
     assert out.startswith("materialized customer_stats:")
+
+
+def test_csv_input_treats_only_an_empty_field_as_missing(tmp_path: Path) -> None:
+    from stageline.cli import read_records
+
+    path = tmp_path / "in.csv"
+    path.write_text("transaction_id,country\nt1,NA\nt2,\nt3,null\n")
+    frame = read_records(path)
+    assert frame["country"].tolist()[0] == "NA"  # Namibia, not a null
+    assert pd.isna(frame["country"].tolist()[1])
+    assert frame["country"].tolist()[2] == "null"

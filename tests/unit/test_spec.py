@@ -66,6 +66,8 @@ def test_fraud_spec_declares_its_stages_and_defaults(fraud_spec: PipelineSpec) -
     assert fraud_spec.stage("model").batch.batch_size == 8192
     assert fraud_spec.serve.fuse == ()
     assert fraud_spec.serve.max_records == 1000
+    assert fraud_spec.batch.fuse == "all"
+    assert fraud_spec.batch.block_mb == 8.0
 
 
 def test_spec_file_missing_is_a_spec_error_naming_the_file(tmp_path: Path) -> None:
@@ -206,6 +208,13 @@ def test_fraud_spec_rewritten_by_the_test_harness_still_loads(tmp_path: Path) ->
             "- ghost",
             "unknown stage(s) ['ghost']",
             id="fuse-unknown-stage",
+        ),
+        pytest.param(
+            _set("batch", {"fuse": [["transform", "postprocess"]]}),
+            "batch.fuse[0]",
+            "- transform",
+            "not a run of adjacent stages",
+            id="batch-fuse-not-adjacent",
         ),
     ],
 )
@@ -439,3 +448,19 @@ def test_record_model_and_validate_frame_accept_the_same_records(
     together = batch(pd.DataFrame(records, dtype=object))
     assert alone == expected, list(zip(records, expected, alone, strict=True))
     assert together == expected, list(zip(records, expected, together, strict=True))
+
+
+def test_batch_runs_the_whole_chain_in_one_pool_unless_told_otherwise(tmp_path: Path) -> None:
+    spec = load_spec(FRAUD_SPEC)
+    everything = ("features", "transform", "model", "postprocess")
+    assert [s.stages for s in spec.batch_segments()] == [everything]
+    assert [s.stages for s in spec.segments()] == [(n,) for n in everything]
+
+    data = _fraud_dict()
+    data["batch"] = {"fuse": [["features", "transform"]]}
+    split = load_spec(_write(tmp_path, data))
+    assert [(s.name, s.stages) for s in split.batch_segments()] == [
+        ("features+transform", ("features", "transform")),
+        ("model", ("model",)),
+        ("postprocess", ("postprocess",)),
+    ]

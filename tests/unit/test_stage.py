@@ -243,3 +243,55 @@ def test_batch_size_does_not_change_results(
         assert part["label"].tolist() == expected["label"].tolist()
         assert part["reasons"].tolist() == expected["reasons"].tolist()
         assert part["transaction_id"].tolist() == expected["transaction_id"].tolist()
+
+
+class Enrich(BaseStage):
+    """Adds columns of every kind and rewrites two it was given."""
+
+    provides = ("n", "flag", "seen_at", "note", "amount", "ts")
+
+    def process(self, batch: pd.DataFrame) -> pd.DataFrame:
+        out = batch.copy()
+        out["n"] = np.arange(len(out), dtype="int64") + 10
+        out["flag"] = out["amount"] > 100
+        out["seen_at"] = pd.Timestamp("2026-01-02", tz="UTC")
+        out["note"] = "ok"
+        out["amount"] = out["amount"] * 2
+        out["ts"] = out["ts"] + pd.Timedelta(hours=1)
+        return out
+
+
+def test_stage_output_is_merged_back_around_bad_rows_for_every_dtype() -> None:
+    ts = pd.date_range("2026-01-01", periods=4, freq="h", tz="UTC")
+    batch = pd.DataFrame(
+        {
+            "amount": [50.0, 500.0, 5.0, 700.0],
+            "ts": ts,
+            "_error": pd.Series(
+                [None, "validate: amount: bad", None, "features: down"], dtype=object
+            ).to_numpy(),
+        },
+        index=[7, 3, 9, 1],
+    )
+
+    out = Enrich(name="enrich")(batch)
+
+    good, bad = [7, 9], [3, 1]
+    assert out.index.tolist() == [7, 3, 9, 1]
+    assert out.loc[good, "amount"].tolist() == [100.0, 10.0]
+    assert out.loc[bad, "amount"].tolist() == [500.0, 700.0]  # untouched
+    assert out["ts"].dtype == batch["ts"].dtype
+    assert out.loc[good, "ts"].tolist() == [
+        ts[0] + pd.Timedelta(hours=1),
+        ts[2] + pd.Timedelta(hours=1),
+    ]
+    assert out.loc[bad, "ts"].tolist() == [ts[1], ts[3]]
+    assert out.loc[good, "n"].tolist() == [10.0, 11.0]
+    assert out.loc[bad, "n"].isna().all()
+    assert out.loc[good, "flag"].tolist() == [False, False]
+    assert out.loc[bad, "flag"].isna().all()
+    assert out.loc[good, "seen_at"].tolist() == [pd.Timestamp("2026-01-02", tz="UTC")] * 2
+    assert out.loc[bad, "seen_at"].isna().all()
+    assert out.loc[good, "note"].tolist() == ["ok", "ok"]
+    assert out.loc[bad, "note"].isna().all()
+    assert out["_error"].tolist() == [None, "validate: amount: bad", None, "features: down"]

@@ -1,0 +1,1 @@
+"""stageline's benchmarks: ``python -m bench.<name>``; see ``bench/README.md``."""
