@@ -12,11 +12,13 @@ streaming executor holds back reads while the pools are busy.
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -25,10 +27,14 @@ import pyarrow.csv as pacsv
 import ray
 import ray.data
 
+from stageline.features import StoreUnavailableError
 from stageline.pipeline import StageChain
 from stageline.spec import PipelineSpec
 from stageline.stage import ERROR_COLUMN
 from stageline.stages.validate import RAW_COLUMN
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 Source = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 
@@ -115,10 +121,28 @@ class BatchChain(StageChain):
     ``pd.NA`` for nulls); ``pd.read_parquet`` and JSON records give numpy and
     string dtypes. Converting once here means every stage sees the frames it
     sees in the in-process pipeline and online, so scores match exactly.
+
+    An online store that does not answer (when the stages load, or for a batch)
+    is waited for, ``batch.store_retries`` times, before the run fails.
     """
 
+    def __init__(
+        self,
+        spec: PipelineSpec,
+        stages: Sequence[str],
+        home: str | os.PathLike[str] | None = None,
+        *,
+        validate: bool = False,
+    ) -> None:
+        self.retries = spec.batch.store_retries
+        # Stages connect to their stores here: the same patience as for a batch.
+        _with_retries(
+            self.retries, lambda: StageChain.__init__(self, spec, stages, home, validate=validate)
+        )
+
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        out = super().__call__(plain_dtypes(batch))
+        frame = plain_dtypes(batch)
+        out = _with_retries(self.retries, lambda: StageChain.__call__(self, frame))
         # Text or None (never NaN), so Ray stores these as Arrow strings, not pickles.
         for col in (ERROR_COLUMN, RAW_COLUMN):
             if col in out.columns:
@@ -131,6 +155,27 @@ class BatchChain(StageChain):
                 if first and isinstance(first[0], np.ndarray):
                     out[col] = [v.tolist() if isinstance(v, np.ndarray) else v for v in out[col]]
         return out
+
+
+def _with_retries(retries: int, work: Callable[[], T]) -> T:
+    """``work()``; while the online store does not answer, wait (0.5 s, doubling, at most
+    8 s) and try again, ``retries`` times, then fail saying how long it waited."""
+    waited = 0.0
+    for attempt in range(retries):
+        try:
+            return work()
+        except StoreUnavailableError as e:
+            delay = min(0.5 * 2**attempt, 8.0)
+            log.warning("online store unavailable (%s); retrying in %.1f s", e, delay)
+            time.sleep(delay)
+            waited += delay
+    try:
+        return work()
+    except StoreUnavailableError as e:
+        raise StoreUnavailableError(
+            f"the online feature store stayed unavailable through {retries + 1} "
+            f"tries over {waited:.0f} s: {e}"
+        ) from None
 
 
 def plain_dtypes(batch: pd.DataFrame) -> pd.DataFrame:

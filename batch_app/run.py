@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 from batch_app.dataset import CSV_SUFFIXES, build_dataset
 from stageline._io import atomic_write_bytes
 from stageline.context import resolve_home
+from stageline.features import StoreUnavailableError
 from stageline.localray import local_ray_options
 from stageline.spec import PipelineSpec, load_spec
 from stageline.stage import ERROR_COLUMN, split_error
@@ -192,6 +193,13 @@ def _run(
         for batch in dataset.iter_batches(batch_format="pandas", batch_size=None):
             assert isinstance(batch, pd.DataFrame)
             writer.write(batch)
+    except Exception as e:
+        cause = _store_unavailable(e)
+        if cause is None:
+            raise
+        raise StoreUnavailableError(
+            f"batch run {run_id} failed, nothing was published: {cause}"
+        ) from None
     finally:
         writer.close()
     _fault("staged")
@@ -222,6 +230,28 @@ def _run(
         str(out),
         tuple(sorted(writer.models)),
     )
+
+
+def _store_unavailable(error: BaseException) -> str | None:
+    """Why the online store failed a run, if it did. Ray wraps what a task or an actor's
+    constructor raised, and the original may only survive as text."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [error]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, StoreUnavailableError):
+            return str(e)
+        todo += [
+            c
+            for c in (getattr(e, "cause", None), e.__cause__, e.__context__)
+            if isinstance(c, BaseException)
+        ]
+    marker = f"{StoreUnavailableError.__name__}: "
+    lines = [line for line in str(error).splitlines() if marker in line]
+    return lines[-1].split(marker, 1)[1].strip() if lines else None
 
 
 def reconcile(output: Path, manifest: Manifest) -> None:

@@ -46,11 +46,16 @@ class AppArgs(BaseModel):
     """Environment variable holding the API key; no key means no authentication."""
     api_key_file: str | None = None
     """File holding the API key, read when the env var is unset."""
+    online: str | None = Field(default=None, examples=["memory", "redis://redis:6379/0"])
+    """Online feature store in place of the spec's ``features.online``: ``memory`` or a
+    ``redis://`` URL (password from ``$STAGELINE_REDIS_PASSWORD``)."""
 
 
 def build_app(args: AppArgs) -> Application:
     """The Serve application for ``args.spec``."""
     spec = load_spec(args.spec)
+    if args.online:
+        spec = spec.with_online(args.online)
     home = str(resolve_home(args.home))
     version = code_version(spec, home, args)
     handles = [

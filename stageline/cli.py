@@ -21,7 +21,7 @@ from stageline import localray
 from stageline.context import HOME_ENV, resolve_home
 from stageline.features import FeatureStoreError, materialize
 from stageline.registry import LocalRegistry, RegistryError, parse_model_ref
-from stageline.spec import PipelineSpec, SpecError, load_spec
+from stageline.spec import REDIS_PASSWORD_ENV, PipelineSpec, SpecError, load_spec
 from stageline.stage import StageError
 
 DEFAULT_SPEC = "pipelines/fraud.yaml"
@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--output",
         help="write predictions here (.parquet, .csv or .jsonl); default: JSON lines on stdout",
     )
+    _online_option(predict)
     predict.set_defaults(func=cmd_predict)
 
     batch = add(
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument(
         "--num-cpus", type=float, help="logical CPUs of the local Ray (default: 2 x cores)"
     )
+    _online_option(batch)
     batch.set_defaults(func=cmd_batch)
 
     registry = add(
@@ -187,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=8080,
         help="Prometheus metrics (default: %(default)s)",
     )
+    _online_option(srv)
     srv.set_defaults(func=cmd_serve)
 
     mat = add(
@@ -197,8 +200,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mat.add_argument("--spec", default=DEFAULT_SPEC, help="pipeline spec (default: %(default)s)")
     mat.add_argument("--view", action="append", help="only this view (repeatable)")
+    _online_option(mat)
     mat.set_defaults(func=cmd_materialize)
     return parser
+
+
+def _online_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--online",
+        metavar="STORE",
+        help="online feature store: memory or redis://host:port/db, in place of the spec's "
+        f"features.online (a Redis password is read from ${REDIS_PASSWORD_ENV})",
+    )
+
+
+def _load(args: argparse.Namespace) -> PipelineSpec:
+    """The spec named by ``--spec``, with ``--online`` applied."""
+    spec = load_spec(args.spec)
+    online = getattr(args, "online", None)
+    return spec.with_online(online) if online else spec
 
 
 def _positive(text: str) -> int:
@@ -274,7 +294,7 @@ def ensure_demo(spec: PipelineSpec, home: Path) -> None:
 def cmd_predict(args: argparse.Namespace) -> int:
     from stageline.pipeline import Pipeline, records
 
-    spec, home = load_spec(args.spec), resolve_home(args.home)
+    spec, home = _load(args), resolve_home(args.home)
     ensure_demo(spec, home)
     batch = read_records(Path(args.input))
     started = time.perf_counter()
@@ -303,7 +323,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    spec, home = load_spec(args.spec), resolve_home(args.home)
+    spec, home = _load(args), resolve_home(args.home)
     ensure_demo(spec, home)
     from batch_app.run import connect, run
 
@@ -399,7 +419,7 @@ def cmd_registry_alias(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    spec, home = load_spec(args.spec), resolve_home(args.home)
+    spec, home = _load(args), resolve_home(args.home)
     ensure_demo(spec, home)
     # Before serve_app imports Ray: connecting to a running server needs settings Ray
     # reads at import.
@@ -407,7 +427,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from serve_app import AppArgs, local
 
     app_args = AppArgs(
-        spec=args.spec, home=str(home), model=args.model, api_key_file=args.api_key_file
+        spec=args.spec,
+        home=str(home),
+        model=args.model,
+        api_key_file=args.api_key_file,
+        online=args.online,
     )
     if running is not None:
         local.attach(running)
@@ -497,7 +521,7 @@ def example_record(spec: PipelineSpec, home: Path) -> dict[str, object] | None:
 
 
 def cmd_materialize(args: argparse.Namespace) -> int:
-    spec, home = load_spec(args.spec), resolve_home(args.home)
+    spec, home = _load(args), resolve_home(args.home)
     unknown = sorted(set(args.view or ()) - set(spec.features.views))
     if unknown:
         raise CliError(

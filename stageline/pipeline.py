@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from stageline.context import StageContext, resolve_home, stage_factory
+from stageline.features import StoreUnavailableError
 from stageline.spec import PipelineSpec, StageSpec, load_spec
 from stageline.stage import ERROR_COLUMN, Stage, StageError, check_rows
 from stageline.stages.postprocess import OUTPUT_COLUMNS
@@ -22,6 +23,8 @@ def build_stage(spec: PipelineSpec, stage: StageSpec, home: Path) -> Stage:
     cls, kwargs = stage_factory(spec, stage, home)
     try:
         instance: Stage = cls(**kwargs)
+    except StoreUnavailableError as e:  # still unavailable: callers wait or answer 503
+        raise StoreUnavailableError(f"stage {stage.name!r} failed to load: {e}") from e
     except Exception as e:  # a user's __init__ may raise anything: report which stage
         raise StageError(f"stage {stage.name!r} ({stage.uses}) failed to load: {e}") from e
     return instance

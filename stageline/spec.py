@@ -219,6 +219,10 @@ class MemoryStoreSpec(_Config):
     kind: Literal["memory"] = "memory"
 
 
+REDIS_PASSWORD_ENV = "STAGELINE_REDIS_PASSWORD"
+"""Where a Redis store chosen with ``--online`` (not in the spec) reads its password."""
+
+
 class RedisStoreSpec(_Config):
     """Online store in Redis: shared by every replica, updated by ``stageline materialize``."""
 
@@ -369,6 +373,9 @@ class BatchAppSpec(_Config):
     block_mb: float = Field(default=8.0, gt=0, le=1024)
     """Target size of the blocks Ray Data reads (MiB): with the actor pool's batch
     size, what bounds a run's memory however large the input is."""
+    store_retries: int = Field(default=5, ge=0, le=20)
+    """When the online feature store does not answer, retry a batch this many times,
+    waiting 0.5 s, then 1, 2, 4, 8 s (at most 8) between tries, then fail the run."""
 
 
 @dataclass(frozen=True)
@@ -428,6 +435,32 @@ class PipelineSpec(_Config):
             if s.name == name:
                 return s
         raise KeyError(name)
+
+    def with_online(self, store: str, **options: Any) -> PipelineSpec:
+        """This spec with its online store switched: ``memory``, or a ``redis://`` URL
+        (options as in the spec's ``features.online``; those of a Redis store the spec
+        already names are kept). What ``--online`` and the Serve ``online`` arg do."""
+        current = self.features.online
+        if store == "memory":
+            online: dict[str, Any] = {"kind": "memory"}
+        else:
+            kept = (
+                current.model_dump(exclude={"url"})
+                if current.kind == "redis"
+                else {"password_env": REDIS_PASSWORD_ENV}
+            )
+            online = {**kept, "kind": "redis", "url": store, **options}
+        data = self.model_dump()
+        data["features"]["online"] = online
+        try:
+            switched = PipelineSpec.model_validate(data)
+        except ValidationError as e:
+            problems = "; ".join(err["msg"] for err in e.errors())
+            raise SpecError(
+                f"online store {store!r}: {problems} (use memory or redis://host:port/db)"
+            ) from None
+        switched._base_dir = self._base_dir
+        return switched
 
     def batch_segments(self) -> list[Segment]:
         """The actor pools of a batch run: the whole chain (``batch.fuse: all``), else

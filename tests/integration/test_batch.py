@@ -14,8 +14,9 @@ from batch_app.run import MANIFEST, QUARANTINE, STAGING, Summary, run
 from stageline import Pipeline
 from stageline.cli import main
 from stageline.demo.batch import BAD_KINDS, transactions
+from stageline.features import StoreUnavailableError
 from stageline.spec import PipelineSpec
-from tests.conftest import FRAUD_SPEC, SMALL_DEMO
+from tests.conftest import FRAUD_SPEC, SMALL_DEMO, RedisServer
 
 pytestmark = pytest.mark.integration
 
@@ -256,3 +257,58 @@ def test_cli_batch_on_an_empty_home_builds_the_demo_first(
     assert "200000 rows in from 4 file(s) -> 198000 scored, 2000 quarantined" in line
     assert "fraud v1" in line
     assert len(scored(output)) == 198_000
+
+
+def test_batch_with_redis_online_store_scores_as_memory_and_fails_clearly_when_it_is_down(
+    ray_session: None,
+    fraud_spec: PipelineSpec,
+    demo_home: Path,
+    holdout: pd.DataFrame,
+    redis_server: RedisServer,
+    tmp_path,
+    capsys: pytest.CaptureFixture[str],
+):
+    source = tmp_path / "in"
+    source.mkdir()
+    rows = holdout.iloc[:2000][REQUEST].reset_index(drop=True)
+    rows.iloc[:1000].to_parquet(source / "a.parquet")
+    home = ["--spec", str(FRAUD_SPEC), "--home", str(demo_home)]
+    online = ["--online", redis_server.url]
+
+    assert main(["materialize", *home, *online]) == 0
+    assert "redis online store" in capsys.readouterr().out
+    argv = ["batch", *home, *online, "--input", str(source), "--output", str(tmp_path / "out")]
+    assert main(argv) == 0
+    expected = Pipeline(fraud_spec, demo_home).predict(rows).set_index("transaction_id")
+    out = scored(tmp_path / "out").set_index("transaction_id")
+    assert len(out) == 1000
+    np.testing.assert_array_equal(
+        out["score"].to_numpy(), expected.loc[out.index, "score"].to_numpy()
+    )
+
+    # Redis goes away: the run retries, then fails saying so, and publishes nothing.
+    rows.iloc[1000:].to_parquet(source / "b.parquet")
+    redis_spec_ = fraud_spec.with_online(redis_server.url)
+    impatient = redis_spec_.model_copy(
+        update={"batch": redis_spec_.batch.model_copy(update={"store_retries": 1})}
+    )
+    redis_server.stop()
+    try:
+        with pytest.raises(StoreUnavailableError) as failed:
+            run(impatient, source, tmp_path / "out", demo_home)
+    finally:
+        redis_server.start()  # same port, data back from its append-only file
+    message = str(failed.value)
+    assert "nothing was published" in message
+    assert "stayed unavailable through 2 tries" in message
+    assert redis_server.url.removesuffix("/0").split("//")[1] in message
+    assert len(scored(tmp_path / "out")) == 1000
+
+    # Back up: the next run scores the file the failed run could not.
+    again = run(impatient, source, tmp_path / "out", demo_home)
+    assert (again.files, again.rows_out) == (1, 1000)
+    out = scored(tmp_path / "out").set_index("transaction_id")
+    assert sorted(out.index) == sorted(rows["transaction_id"])
+    np.testing.assert_array_equal(
+        out["score"].to_numpy(), expected.loc[out.index, "score"].to_numpy()
+    )
