@@ -18,6 +18,7 @@ import pandas as pd
 from ray import serve
 from ray.serve import metrics
 
+from serve_app import _loopback as loopback
 from stageline.pipeline import StageChain
 from stageline.spec import PipelineSpec
 from stageline.stage import error_mask
@@ -33,6 +34,7 @@ class StageDeployment:
     """A Serve replica running ``stages`` of ``spec`` (one stage or a fused group)."""
 
     def __init__(self, spec: PipelineSpec, stages: list[str], home: str) -> None:
+        loopback.install()
         self.segment = "+".join(stages)
         self.chain = StageChain(spec, stages, Path(home))
         batching = spec.stage(stages[0]).serve.batch

@@ -27,6 +27,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve_app import _loopback as loopback
 from serve_app.http import (
     ApiError,
     ApiKey,
@@ -169,6 +170,7 @@ def make_ingress(spec: PipelineSpec, home: str, api_key: ApiKey) -> Any:
     @serve.ingress(app)
     class Ingress:
         def __init__(self, handles: Sequence[DeploymentHandle[Any]]) -> None:
+            loopback.install()
             self.spec = spec
             self.validate = StageChain(spec, [], Path(home), validate=True)
             remote = iter(handles)

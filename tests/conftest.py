@@ -16,6 +16,7 @@ import pytest
 
 from stageline import Pipeline
 from stageline.demo.train import DemoResult, build_demo
+from stageline.localray import free_port as free_port  # re-exported for the tests
 from stageline.spec import PipelineSpec, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,14 +87,6 @@ def register_challenger(home: Path) -> int:
 
 # --------------------------------------------------------------------------- Ray
 # One local Ray per test session, started on first use (tests/unit never asks).
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")

@@ -35,10 +35,16 @@ _LOOKUP = """
 local snapshot = redis.call('GET', KEYS[1])
 if not snapshot then return {} end
 local base = ARGV[1] .. snapshot .. ':'
-local keys = {}
-for i = 2, #ARGV do keys[i - 1] = base .. ARGV[i] end
-if #keys == 0 then return {snapshot} end
-return {snapshot, redis.call('MGET', unpack(keys))}
+if #ARGV < 2 then return {snapshot} end
+-- MGET in chunks: Lua's unpack() takes a few thousand values at most.
+local values, n = {}, 0
+for first = 2, #ARGV, 4000 do
+  local keys = {}
+  for i = first, math.min(first + 3999, #ARGV) do keys[#keys + 1] = base .. ARGV[i] end
+  local got = redis.call('MGET', unpack(keys))
+  for i = 1, #keys do n = n + 1; values[n] = got[i] end
+end
+return {snapshot, values}
 """
 _WRITE_CHUNK = 5_000
 

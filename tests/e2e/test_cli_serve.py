@@ -14,6 +14,7 @@ import pytest
 import requests
 
 from stageline.demo.train import DemoResult
+from stageline.localray import descendants, listening
 from tests.conftest import FRAUD_SPEC, free_port, register_challenger
 
 pytestmark = pytest.mark.e2e
@@ -62,6 +63,13 @@ def test_serve_answers_swaps_models_and_stops_cleanly(
         first = requests.post(f"{url}/predict", json={"records": [good_record]}, timeout=30)
         assert first.status_code == 200, first.text
         assert first.json()["model"] == {"name": "fraud", "version": 1}
+
+        # Every listener of the server and the Ray it started is on loopback: GCS,
+        # raylet, object manager, agents, workers, the HTTP proxy and metrics.
+        sockets = listening(descendants(server.pid))
+        assert {port for _addr, port, _pid in sockets} >= {port, metrics}
+        beyond = [(a, p, pid) for a, p, pid in sockets if a not in ("127.0.0.1", "::1")]
+        assert not beyond, beyond
 
         swap = subprocess.run(
             stageline(home, "serve", "--model", "fraud@challenger"),

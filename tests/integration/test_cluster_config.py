@@ -155,3 +155,168 @@ def test_app_deploys_from_the_config_and_reloads_the_model_in_place(
         assert replica_ids(name) == replicas
     finally:
         delete_apps([name])
+
+
+# --------------------------------------------------------------------------- KubeRay, VMs
+
+KUBERAY = ROOT / "cluster" / "kuberay"
+RAY_KINDS = {"RayService", "RayJob", "RayCronJob"}
+ARGS_PER_SITE = {"spec", "home", "online", "api_key_file"}
+"""What may differ between the laptop's Serve config and the cluster's: where files are."""
+
+
+def manifests() -> dict[str, list[Json]]:
+    return {
+        p.name: [d for d in yaml.safe_load_all(p.read_text()) if d]
+        for p in sorted(KUBERAY.glob("*.yaml"))
+    }
+
+
+def one(kind: str) -> Json:
+    (found,) = [d for docs in manifests().values() for d in docs if d["kind"] == kind]
+    return found
+
+
+def cluster_specs(doc: Json) -> list[Json]:
+    """The RayCluster specs a RayService, RayJob or RayCronJob brings up."""
+    spec = doc["spec"]
+    if doc["kind"] == "RayService":
+        return [spec["rayClusterConfig"]]
+    if doc["kind"] == "RayCronJob":
+        spec = spec["jobTemplate"]
+    return [spec["rayClusterSpec"]]
+
+
+def test_rayservice_embeds_the_serve_config_with_only_site_paths_changed(
+    app_config: ServeApplicationSchema,
+):
+    service = one("RayService")
+    embedded = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    local = ServeDeploySchema.model_validate(yaml.safe_load(CONFIG.read_text()))
+    (app,) = embedded.applications
+
+    assert embedded.proxy_location == local.proxy_location
+    assert embedded.http_options.port == local.http_options.port
+    assert embedded.http_options.host == "0.0.0.0"  # the pod's Service reaches the proxy
+    mine, theirs = app.model_dump(exclude_unset=True), app_config.model_dump(exclude_unset=True)
+    assert {k: v for k, v in mine.items() if k != "args"} == {
+        k: v for k, v in theirs.items() if k != "args"
+    }
+    changed = {k for k in mine["args"].keys() | theirs["args"].keys()}
+    changed = {k for k in changed if mine["args"].get(k) != theirs["args"].get(k)}
+    assert changed <= ARGS_PER_SITE
+    args = AppArgs.model_validate(app.args)
+    assert Path(args.spec).parts[-2:] == Path(app_config.args["spec"]).parts[-2:]
+    assert import_attr(app.import_path) is build_app
+    assert args.online is not None
+    spec = load_spec(ROOT / "pipelines" / Path(args.spec).name).with_online(args.online)
+    assert spec.features.online.kind == "redis"
+
+
+def test_kuberay_manifests_are_well_formed():
+    import ray
+
+    found = manifests()
+    assert set(found) >= {"rayservice.yaml", "rayjob-batch.yaml", "raycronjob-batch.yaml"}
+    for name, docs in found.items():
+        for doc in docs:
+            assert set(doc) >= {"apiVersion", "kind", "metadata", "spec"}, name
+            assert doc["metadata"]["name"], name
+            if doc["kind"] not in RAY_KINDS:
+                continue
+            assert doc["apiVersion"] == "ray.io/v1", name
+            for cluster in cluster_specs(doc):
+                assert cluster["rayVersion"] == ray.__version__, name
+                assert cluster["authOptions"] == {"mode": "token"}, name
+                groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+                for group in groups:
+                    # KubeRay passes these to `ray start` as text
+                    assert all(isinstance(v, str) for v in group["rayStartParams"].values())
+                    pod = group["template"]["spec"]
+                    volumes = {v["name"] for v in pod.get("volumes", [])}
+                    for container in pod["containers"]:
+                        assert container["image"] == "stageline:0.1.0", name
+                        resources = container["resources"]
+                        assert resources["requests"] == resources["limits"], name
+                        mounts = {m["name"] for m in container.get("volumeMounts", [])}
+                        assert mounts <= volumes, (name, mounts - volumes)
+                for group in cluster["workerGroupSpecs"]:
+                    assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+                    (container,) = group["template"]["spec"]["containers"]
+                    cpus = float(group["rayStartParams"]["num-cpus"])
+                    assert cpus <= float(container["resources"]["limits"]["cpu"]), name
+
+
+def test_rayservice_workers_hold_every_stage_at_its_max_replicas(
+    app_config: ServeApplicationSchema,
+):
+    (cluster,) = cluster_specs(one("RayService"))
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    spec = load_spec(ROOT / app_config.args["spec"])
+    built = {d.name: d for d in app_config.deployments}
+    needed = 0.0
+    for segment in [*spec.segments(), None]:
+        name = "ingress" if segment is None else segment.name
+        options = override(app_config, name) if name in built else {}
+        cpus = options.get("ray_actor_options", {}).get("num_cpus")
+        auto = options.get("autoscaling_config", {})
+        if segment is None:
+            cpus = cpus if cpus is not None else spec.serve.ingress.num_cpus
+            most = auto.get("max_replicas", spec.serve.ingress.autoscaling.max_replicas)
+        else:
+            stage = spec.stage(segment.stages[0]).serve
+            cpus = cpus if cpus is not None else stage.num_cpus
+            most = auto.get("max_replicas", stage.autoscaling.max_replicas)
+        needed += cpus * most
+    capacity = sum(
+        float(g["rayStartParams"]["num-cpus"]) * g["maxReplicas"]
+        for g in cluster["workerGroupSpecs"]
+    )
+    assert capacity >= needed > 0
+
+
+def test_batch_rayjob_runs_the_batch_cli_and_the_nightly_one_is_the_same_job():
+    import shlex
+
+    from stageline.cli import build_parser
+
+    job, nightly = one("RayJob"), one("RayCronJob")
+    assert nightly["spec"]["jobTemplate"] == job["spec"]
+    assert nightly["spec"]["schedule"].count(" ") == 4  # a cron expression
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:3] == ["python", "-m", "batch_app"]
+    args = build_parser().parse_args(["batch", *argv[3:]])
+    assert Path(args.spec).parts[-2:] == ("pipelines", "fraud.yaml")
+    assert load_spec(ROOT / "pipelines" / "fraud.yaml").with_online(args.online)
+    assert args.output.startswith(args.home)  # a shared volume: runs publish by rename
+    service = one("RayService")["spec"]["serveConfigV2"]
+    assert (
+        AppArgs.model_validate(yaml.safe_load(service)["applications"][0]["args"]).online
+        == args.online
+    ), "serving and batch read the same online store"
+
+
+def test_cluster_launcher_config_validates_against_rays_schema():
+    import json
+
+    import jsonschema  # type: ignore[import-untyped]
+    import ray.autoscaler
+
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    config = yaml.safe_load((ROOT / "cluster" / "cluster.yaml").read_text())
+    jsonschema.validate(config, schema)
+    head = " ".join(config["head_start_ray_commands"])
+    assert "RAY_AUTH_MODE=token" in head
+    assert "--dashboard-host=127.0.0.1" in head
+    assert all(
+        "RAY_AUTH_MODE=token" in c for c in config["worker_start_ray_commands"] if "start" in c
+    )
+    assert config["available_node_types"][config["head_node_type"]]["resources"]["CPU"] == 0
+
+
+def test_the_image_is_rays_own_at_our_ray_version():
+    import ray
+
+    base = (ROOT / "cluster" / "Dockerfile").read_text().split("FROM ", 1)[1].split()[0]
+    assert base.startswith(f"rayproject/ray:{ray.__version__}-py3")

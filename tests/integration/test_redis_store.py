@@ -70,6 +70,21 @@ def test_a_batch_is_one_round_trip(
     assert {k: v for k, v in delta.items() if v} == {"evalsha": 1, "get": 1, "mget": 1}
 
 
+def test_a_batch_larger_than_luas_unpack_limit_is_still_one_call(
+    rspec: PipelineSpec, fraud_spec: PipelineSpec, demo_home: Path, redis_server: RedisServer
+) -> None:
+    # Batch runs look up 8192 keys at a time; Lua's unpack() stops at a few thousand.
+    keys = pd.Series([f"c{i:06d}" for i in range(10_000)] + ["nobody"] * 10)
+    store = open_online_store(rspec, demo_home)
+    admin = redis.Redis.from_url(redis_server.url)
+    before = _calls(admin).get("evalsha", 0)
+    got = store.lookup(VIEW, keys)
+    assert _calls(admin).get("evalsha", 0) - before == 1
+    expected = open_online_store(fraud_spec, demo_home).lookup(VIEW, keys)
+    pd.testing.assert_frame_equal(got, expected)
+    assert not got[f"{VIEW}_found"].iloc[-10:].any()
+
+
 def _calls(client: redis.Redis) -> dict[str, int]:
     stats = client.info("commandstats")
     return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
