@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="rows of batch input written to <home>/demo/batch, ~1%% of them bad; 0: none "
         "(default: %(default)s)",
     )
+    _online_option(demo)
     demo.set_defaults(func=cmd_demo)
 
     predict = add(
@@ -239,7 +240,7 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from stageline.demo.train import build_demo, demo_exists
 
-    spec, home = load_spec(args.spec), resolve_home(args.home)
+    spec, home = _load(args), resolve_home(args.home)
     if demo_exists(home) and not args.force:
         print(f"demo already built under {home} (use --force to rebuild)")
         from stageline.demo.batch import batch_dir, write_batch_input

@@ -70,13 +70,13 @@ def registry_rows(out: str) -> dict[str, list[str]]:
 
 HELP = {
     "stageline": ["demo", "predict", "registry", "materialize", "--home", "STAGELINE_HOME"],
-    "demo": ["--spec", "--customers", "--transactions", "--days", "--seed", "--rounds", "--force"],
-    "predict": ["--spec", "--input", "--output", "--home", ".parquet", ".csv", ".jsonl"],
+    "demo": ["--spec", "--customers", "--transactions", "--days", "--seed", "--rounds", "--online"],
+    "predict": ["--spec", "--input", "--output", "--home", ".parquet", ".jsonl", "--online"],
     "registry": ["list", "show", "alias", "--home"],
     "registry list": ["--home", "aliases"],
     "registry show": ["NAME@ALIAS", "NAME@VERSION", "--home"],
     "registry alias": ["champion", "version", "--home"],
-    "materialize": ["--spec", "--view", "--home", "online store"],
+    "materialize": ["--spec", "--view", "--home", "online store", "--online", "redis://"],
 }
 
 
