@@ -1,0 +1,67 @@
+"""What every benchmark result records: the machine, the versions, the configuration;
+and how results are written (JSON for machines, Markdown for people)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).parent / "results"
+PACKAGES = ("ray", "xgboost", "pandas", "pyarrow", "numpy", "pydantic")
+
+
+def machine() -> dict[str, Any]:
+    memory = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return {
+        "cores": os.cpu_count(),
+        "memory_gib": round(memory / 2**30, 1),
+        "cpu": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "versions": {p: _version(p) for p in PACKAGES},
+    }
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def write(name: str, config: dict[str, Any], rows: list[dict[str, Any]], table: str) -> Path:
+    """``bench/results/<name>.json`` and ``<name>.md``; returns the Markdown path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    m = machine()
+    record = {"benchmark": name, "at": when, "machine": m, "config": config, "rows": rows}
+    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
+    md = RESULTS / f"{name}.md"
+    md.write_text(
+        f"# {name}\n\n{m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}; "
+        f"{versions}. Run {when}.\n\nConfiguration: `{json.dumps(config)}`\n\n{table}\n"
+    )
+    return md
+
+
+def markdown(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
