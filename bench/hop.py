@@ -1,0 +1,126 @@
+"""What a deployment boundary costs: one Ray Serve DeploymentHandle call against one
+plain Ray actor call, with the same one-row DataFrame the pipeline passes.
+
+    python -m bench.hop [--calls N] [--concurrency C]
+
+Sequential: median latency of a call. At concurrency: ``C`` calls in flight at a
+time, calls per second. Both targets do nothing but return what they got, with
+the same CPU share, so the difference is the hop itself. Local Ray on loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from typing import Any
+
+import pandas as pd
+import ray
+from ray import serve
+
+from bench.report import markdown, median, write
+from stageline.localray import free_port, local_ray_options
+
+ROW = pd.DataFrame(
+    [
+        {
+            "transaction_id": "t1",
+            "customer_id": "c000001",
+            "amount": 420.5,
+            "merchant_category": "jewelry",
+            "ts": pd.Timestamp("2026-02-20T02:15:00Z"),
+            "country": "FR",
+        }
+    ]
+)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
+class EchoDeployment:
+    async def __call__(self, frame: pd.DataFrame) -> pd.DataFrame:
+        return frame
+
+
+@ray.remote(num_cpus=0.25, max_concurrency=256)  # type: ignore[call-overload]
+class EchoActor:
+    async def echo(self, frame: pd.DataFrame) -> pd.DataFrame:
+        return frame
+
+
+def sequential(call: Any, calls: int) -> float:
+    """Median seconds of one call, one at a time."""
+    call()
+    seconds = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        call()
+        seconds.append(time.perf_counter() - started)
+    return median(seconds)
+
+
+def throughput(submit: Any, wait: Any, calls: int, concurrency: int) -> float:
+    """Calls per second with ``concurrency`` in flight at a time."""
+    started = time.perf_counter()
+    done = 0
+    while done < calls:
+        wait([submit() for _ in range(concurrency)])
+        done += concurrency
+    return done / (time.perf_counter() - started)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=500, help="calls per measure (500)")
+    parser.add_argument("--concurrency", type=int, default=32, help="calls in flight (32)")
+    args = parser.parse_args(argv)
+    ray.init(**local_ray_options(num_cpus=4), logging_level=logging.WARNING)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+        handle = serve.run(
+            EchoDeployment.bind(),  # type: ignore[attr-defined]
+            name="hop",
+            route_prefix=None,
+        )
+        actor = EchoActor.remote()  # type: ignore[attr-defined]
+
+        results = {
+            "DeploymentHandle": (
+                sequential(lambda: handle.remote(ROW).result(), args.calls),
+                throughput(
+                    lambda: handle.remote(ROW),
+                    lambda rs: [r.result() for r in rs],
+                    args.calls * 4,
+                    args.concurrency,
+                ),
+            ),
+            "Ray actor": (
+                sequential(lambda: ray.get(actor.echo.remote(ROW)), args.calls),
+                throughput(
+                    lambda: actor.echo.remote(ROW), ray.get, args.calls * 4, args.concurrency
+                ),
+            ),
+        }
+    finally:
+        serve.shutdown()  # type: ignore[no-untyped-call]
+        ray.shutdown()
+
+    handle_s, handle_rate = results["DeploymentHandle"]
+    actor_s, actor_rate = results["Ray actor"]
+    rows = [
+        {"kind": kind, "sequential_s": s, "calls_per_s": rate}
+        for kind, (s, rate) in results.items()
+    ]
+    table = [[kind, f"{s * 1e3:.2f}", f"{rate:,.0f}"] for kind, (s, rate) in results.items()]
+    table.append(
+        ["handle / actor", f"{handle_s / actor_s:.1f}x", f"{handle_rate / actor_rate:.2f}x"]
+    )
+    header = ["call", "sequential p50 ms", f"calls/s at concurrency {args.concurrency}"]
+    config = {"calls": args.calls, "concurrency": args.concurrency, "num_cpus": 0.25}
+    md = write("hop", config, rows, markdown(header, table))
+    print(md.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
