@@ -126,19 +126,10 @@ class BatchChain(StageChain):
     is waited for, ``batch.store_retries`` times, before the run fails.
     """
 
-    def __init__(
-        self,
-        spec: PipelineSpec,
-        stages: Sequence[str],
-        home: str | os.PathLike[str] | None = None,
-        *,
-        validate: bool = False,
-    ) -> None:
+    def __init__(self, spec: PipelineSpec, *args: Any, **kwargs: Any) -> None:
         self.retries = spec.batch.store_retries
         # Stages connect to their stores here: the same patience as for a batch.
-        _with_retries(
-            self.retries, lambda: StageChain.__init__(self, spec, stages, home, validate=validate)
-        )
+        _with_retries(self.retries, lambda: StageChain.__init__(self, spec, *args, **kwargs))
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         frame = plain_dtypes(batch)

@@ -19,7 +19,7 @@ import pandas as pd
 import ray
 from ray import serve
 
-from bench.report import markdown, median, write
+from bench.report import markdown, median_seconds, write
 from stageline.localray import free_port, local_ray_options
 
 ROW = pd.DataFrame(
@@ -46,17 +46,6 @@ class EchoDeployment:
 class EchoActor:
     async def echo(self, frame: pd.DataFrame) -> pd.DataFrame:
         return frame
-
-
-def sequential(call: Any, calls: int) -> float:
-    """Median seconds of one call, one at a time."""
-    call()
-    seconds = []
-    for _ in range(calls):
-        started = time.perf_counter()
-        call()
-        seconds.append(time.perf_counter() - started)
-    return median(seconds)
 
 
 def throughput(submit: Any, wait: Any, calls: int, concurrency: int) -> float:
@@ -86,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
         results = {
             "DeploymentHandle": (
-                sequential(lambda: handle.remote(ROW).result(), args.calls),
+                median_seconds(lambda: handle.remote(ROW).result(), args.calls),
                 throughput(
                     lambda: handle.remote(ROW),
                     lambda rs: [r.result() for r in rs],
@@ -95,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                 ),
             ),
             "Ray actor": (
-                sequential(lambda: ray.get(actor.echo.remote(ROW)), args.calls),
+                median_seconds(lambda: ray.get(actor.echo.remote(ROW)), args.calls),
                 throughput(
                     lambda: actor.echo.remote(ROW), ray.get, args.calls * 4, args.concurrency
                 ),

@@ -11,8 +11,6 @@ and the ratio.
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,7 @@ import numpy as np
 import pandas as pd
 import xgboost as xgb
 
-from bench.report import markdown, median, write
+from bench.report import markdown, median_seconds, write
 from stageline.cli import DEFAULT_SPEC, ensure_demo
 from stageline.context import StageContext, resolve_home
 from stageline.pipeline import StageChain
@@ -28,17 +26,6 @@ from stageline.spec import load_spec
 from stageline.stages.model import XGBoostPredictor
 
 SIZES = (1, 8, 64, 512, 8192)
-
-
-def timed(call: Callable[[], Any], repeat: int) -> float:
-    """Median seconds of ``call()`` over ``repeat`` runs (after one warm-up)."""
-    call()
-    seconds = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        call()
-        seconds.append(time.perf_counter() - started)
-    return median(seconds)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         def with_dmatrix(p: np.ndarray[Any, Any] = part) -> Any:
             return booster.predict(xgb.DMatrix(p, feature_names=names, nthread=stage.nthread))
 
-        inplace, dmatrix = timed(with_inplace, args.repeat), timed(with_dmatrix, args.repeat)
+        inplace, dmatrix = (
+            median_seconds(with_inplace, args.repeat),
+            median_seconds(with_dmatrix, args.repeat),
+        )
         same = np.array_equal(with_inplace(), with_dmatrix())
         rows.append(
             {"batch": n, "inplace_s": inplace, "dmatrix_s": dmatrix, "identical": bool(same)}

@@ -7,7 +7,8 @@ import json
 import os
 import platform
 import statistics
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -43,6 +44,17 @@ def _version(package: str) -> str | None:
 
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
+
+
+def median_seconds(call: Callable[[], Any], repeat: int) -> float:
+    """Median seconds of ``call()`` over ``repeat`` runs, one at a time, after a warm-up."""
+    call()
+    seconds = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        call()
+        seconds.append(time.perf_counter() - started)
+    return median(seconds)
 
 
 def write(name: str, config: dict[str, Any], rows: list[dict[str, Any]], table: str) -> Path:

@@ -33,6 +33,17 @@ def stageline(home: Path, *args: str) -> list[str]:
     ]
 
 
+def swap_model(home: Path, model: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``stageline serve --model MODEL`` against the server already running for ``home``."""
+    return subprocess.run(
+        stageline(home, "serve", "--model", model),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
 def test_serve_answers_swaps_models_and_stops_cleanly(
     demo: DemoResult, tmp_path: Path, good_record: dict[str, object]
 ) -> None:
@@ -71,25 +82,13 @@ def test_serve_answers_swaps_models_and_stops_cleanly(
         beyond = [(a, p, pid) for a, p, pid in sockets if a not in ("127.0.0.1", "::1")]
         assert not beyond, beyond
 
-        swap = subprocess.run(
-            stageline(home, "serve", "--model", "fraud@challenger"),
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=120,
-        )
+        swap = swap_model(home, "fraud@challenger", env)
         assert swap.returncode == 0, swap.stderr
         assert "serving fraud v2 (challenger)" in swap.stdout
         after = requests.post(f"{url}/predict", json={"records": [good_record]}, timeout=30)
         assert after.json()["model"] == {"name": "fraud", "version": 2}
 
-        missing = subprocess.run(
-            stageline(home, "serve", "--model", "fraud@9"),
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=120,
-        )
+        missing = swap_model(home, "fraud@9", env)
         assert missing.returncode == 1
         assert "fraud@9 did not load; the previous version keeps serving" in missing.stderr
         kept = requests.post(f"{url}/predict", json={"records": [good_record]}, timeout=30)
