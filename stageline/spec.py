@@ -344,6 +344,10 @@ class IngressSpec(_Config):
     max_ongoing_requests: int = Field(default=256, ge=1)
     max_queued_requests: int = Field(default=512, ge=-1)
     """Requests beyond this wait nowhere: they get a 503 with Retry-After."""
+    batch: BatchingSpec | None = BatchingSpec(max_size=64, wait_ms=0.0)
+    """Concurrent requests merged into one frame before the first stage, so every stage
+    (inline or behind a handle) runs once per batch, not once per request. With
+    ``wait_ms: 0`` nobody waits: a batch is whatever arrived while the last one ran."""
 
 
 class ServeAppSpec(_Config):

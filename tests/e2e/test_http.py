@@ -524,9 +524,11 @@ def test_health_probes_need_no_api_key(auth_url: str, path: str):
 
 
 def test_full_queue_is_503_with_retry_after(extra_app: Callable[..., str], good_record: Json):
+    """A stage whose queue is full answers 503 at once. (The ingress does not merge
+    requests here: merged, the 10 requests would be one call of the slow stage.)"""
     url = extra_app(
         "e2e-queue",
-        {},
+        {"ingress": {"batch": None}},
         slow_seconds=0.3,
         slow_serve={"max_ongoing_requests": 1, "max_queued_requests": 1, "batch": None},
     )

@@ -220,10 +220,14 @@ def test_model_stage_scales_up_under_load(
     serve_base: str, demo_home: Path, tmp_path: Path, good_record: Json
 ):
     """A slow model stage at ``min_replicas: 1``, ``target_ongoing_requests: 1`` gets more
-    replicas under 16 concurrent clients, and no client sees an error meanwhile."""
+    replicas under 16 concurrent clients, and no client sees an error meanwhile.
+
+    The ingress does not merge requests here (``ingress.batch: null``): merged, 16
+    clients are one call in flight at the model, which is the point of merging, but
+    then there is no load for the model stage to scale on."""
     spec = fraud_variant(
         tmp_path,
-        serve={"inline": ["features", "transform", "postprocess"]},
+        serve={"inline": ["features", "transform", "postprocess"], "ingress": {"batch": None}},
         stages={
             "model": {
                 "uses": "slow_model.py:SlowPredictor",
