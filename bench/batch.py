@@ -1,9 +1,10 @@
 """Batch: ``stageline batch`` (Ray Data) against a single-process pandas loop.
 
-    python -m bench.batch [--sizes 1000000 4000000 16000000] [--home H]
+    python -m bench.batch [--sizes 1000000 4000000 16000000] [--home H] [--results DIR] [--smoke]
 
 The demo pipeline over parquet inputs of each size (generated once under
-``bench/.data/``, 250,000 rows a file, ~1% bad rows, reused by later runs). The
+``bench/.data/``, 250,000 rows a file, ~1% bad rows, reused by later runs; under
+``<results>/tmp`` when the results go elsewhere). The
 baseline does the same stages file by file in one process: read, validate, look
 up, transform, predict with every core, write. Each runs as its own process;
 peak memory is the PSS of its whole process tree (Ray's processes included).
@@ -22,20 +23,21 @@ from typing import Any
 
 import pandas as pd
 
+from bench.processes import local_env
 from bench.procmem import PeakMemory, gib
-from bench.report import RESULTS, markdown, write
+from bench.report import add_run_options, markdown, scratch, write
 from stageline.cli import DEFAULT_SPEC, ensure_demo
 from stageline.context import resolve_home
 from stageline.demo.batch import ROW_GROUP, ROWS_PER_FILE, transactions
 from stageline.spec import PipelineSpec, load_spec
 
-DATA = Path(__file__).parent / ".data"
 SIZES = (1_000_000, 4_000_000, 16_000_000)
+SMOKE_SIZES = (20_000,)
 
 
-def inputs(rows: int, home: Path) -> Path:
-    """``rows`` demo transactions as parquet files, made once."""
-    folder = DATA / f"rows={rows}"
+def inputs(rows: int, home: Path, data: Path) -> Path:
+    """``rows`` demo transactions as parquet files under ``data``, made once."""
+    folder = data / f"rows={rows}"
     done = folder / "_complete"
     if done.exists():
         return folder
@@ -78,7 +80,9 @@ def pandas_loop(spec: PipelineSpec, source: Path, output: Path, home: Path) -> i
 def measure(argv: list[str]) -> tuple[float, int]:
     """Seconds and peak PSS (bytes) of a command's whole process tree."""
     started = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=local_env()
+    )
     with PeakMemory(proc.pid) as peak:
         _out, err = proc.communicate()
     if proc.returncode != 0:
@@ -86,7 +90,7 @@ def measure(argv: list[str]) -> tuple[float, int]:
     return time.perf_counter() - started, peak.pss
 
 
-def plot(rows: list[dict[str, Any]]) -> None:
+def plot(rows: list[dict[str, Any]], results: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,7 +109,8 @@ def plot(rows: list[dict[str, Any]]) -> None:
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(RESULTS / "batch.png", dpi=110)
+    fig.savefig(results / "batch.png", dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,16 +120,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--baseline-run", nargs=2, metavar=("INPUT", "OUTPUT"), help=argparse.SUPPRESS
     )
+    add_run_options(parser)
     args = parser.parse_args(argv)
+    sizes = list(SMOKE_SIZES) if args.smoke else args.sizes
     spec, home = load_spec(Path(DEFAULT_SPEC)), resolve_home(args.home)
     if args.baseline_run:
         pandas_loop(spec, Path(args.baseline_run[0]), Path(args.baseline_run[1]), home)
         return 0
     ensure_demo(spec, home)
     rows: list[dict[str, Any]] = []
-    work = DATA / "out"
-    for size in args.sizes:
-        source = inputs(size, home)
+    data = scratch(args.results)
+    work = data / "out"
+    for size in sizes:
+        source = inputs(size, home, data)
         commands = {
             "stageline batch": [
                 sys.executable, "-m", "stageline.cli", "batch", "--home", str(home),
@@ -146,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
 
     table = []
-    for size in args.sizes:
+    for size in sizes:
         ours, loop = (
             next(r for r in rows if r["rows"] == size and r["kind"] == k)
             for k in ("stageline batch", "pandas loop")
@@ -164,9 +172,14 @@ def main(argv: list[str] | None = None) -> int:
         "stageline GiB",
         "loop GiB",
     ]
-    config = {"sizes": args.sizes, "rows_per_file": ROWS_PER_FILE, "spec": DEFAULT_SPEC}
-    md = write("batch", config, rows, markdown(header, table))
-    plot(rows)
+    config = {
+        "sizes": sizes,
+        "rows_per_file": ROWS_PER_FILE,
+        "spec": DEFAULT_SPEC,
+        "smoke": args.smoke,
+    }
+    md = write("batch", config, rows, markdown(header, table), args.results)
+    plot(rows, args.results)
     print(md.read_text())
     return 0
 

@@ -1,7 +1,7 @@
 """What a deployment boundary costs: one Ray Serve DeploymentHandle call against one
 plain Ray actor call, with the same one-row DataFrame the pipeline passes.
 
-    python -m bench.hop [--calls N] [--concurrency C]
+    python -m bench.hop [--calls N] [--concurrency C] [--results DIR] [--smoke]
 
 Sequential: median latency of a call. At concurrency: ``C`` calls in flight at a
 time, calls per second. Both targets do nothing but return what they got, with
@@ -19,7 +19,7 @@ import pandas as pd
 import ray
 from ray import serve
 
-from bench.report import markdown, median_seconds, write
+from bench.report import add_run_options, markdown, median_seconds, write
 from stageline.localray import free_port, local_ray_options
 
 ROW = pd.DataFrame(
@@ -62,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=500, help="calls per measure (500)")
     parser.add_argument("--concurrency", type=int, default=32, help="calls in flight (32)")
+    add_run_options(parser)
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.calls, args.concurrency = 20, 4
     ray.init(**local_ray_options(num_cpus=4), logging_level=logging.WARNING)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
@@ -105,8 +108,13 @@ def main(argv: list[str] | None = None) -> int:
         ["handle / actor", f"{handle_s / actor_s:.1f}x", f"{handle_rate / actor_rate:.2f}x"]
     )
     header = ["call", "sequential p50 ms", f"calls/s at concurrency {args.concurrency}"]
-    config = {"calls": args.calls, "concurrency": args.concurrency, "num_cpus": 0.25}
-    md = write("hop", config, rows, markdown(header, table))
+    config = {
+        "calls": args.calls,
+        "concurrency": args.concurrency,
+        "num_cpus": 0.25,
+        "smoke": args.smoke,
+    }
+    md = write("hop", config, rows, markdown(header, table), args.results)
     print(md.read_text())
     return 0
 

@@ -1,6 +1,6 @@
 """The model stage alone: XGBoost ``inplace_predict`` against ``DMatrix`` + ``predict``.
 
-    python -m bench.model [--home H] [--repeat N]
+    python -m bench.model [--home H] [--repeat N] [--results DIR] [--smoke]
 
 The demo model on the demo's held-out transactions, featurized by the pipeline's
 own stages; the booster set up as the model stage sets it (``nthread`` from the
@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import xgboost as xgb
 
-from bench.report import markdown, median_seconds, write
+from bench.report import add_run_options, markdown, median_seconds, write
 from stageline.cli import DEFAULT_SPEC, ensure_demo
 from stageline.context import StageContext, resolve_home
 from stageline.pipeline import StageChain
@@ -26,17 +26,20 @@ from stageline.spec import load_spec
 from stageline.stages.model import XGBoostPredictor
 
 SIZES = (1, 8, 64, 512, 8192)
+SMOKE_SIZES = (1, 8, 64)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--home", help="stageline home with the demo (built if missing)")
     parser.add_argument("--repeat", type=int, default=50, help="calls per size (default 50)")
+    add_run_options(parser)
     args = parser.parse_args(argv)
+    sizes, repeat = (SMOKE_SIZES, 5) if args.smoke else (SIZES, args.repeat)
     spec, home = load_spec(Path(DEFAULT_SPEC)), resolve_home(args.home)
     ensure_demo(spec, home)
 
-    holdout = pd.read_parquet(home / "demo" / "holdout.parquet").head(max(SIZES))
+    holdout = pd.read_parquet(home / "demo" / "holdout.parquet").head(max(sizes))
     model_stage = next(s for s in spec.stages if s.uses.endswith(":XGBoostPredictor"))
     before = [s.name for s in spec.stages[: spec.stages.index(model_stage)]]
     frame = StageChain(spec, before, home, validate=True)(holdout)
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     names = list(stage.loaded.metadata.features)
 
     rows, table = [], []
-    for n in SIZES:
+    for n in sizes:
         part = np.ascontiguousarray(matrix[:n])
 
         def with_inplace(p: np.ndarray[Any, Any] = part) -> Any:
@@ -58,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             return booster.predict(xgb.DMatrix(p, feature_names=names, nthread=stage.nthread))
 
         inplace, dmatrix = (
-            median_seconds(with_inplace, args.repeat),
-            median_seconds(with_dmatrix, args.repeat),
+            median_seconds(with_inplace, repeat),
+            median_seconds(with_dmatrix, repeat),
         )
         same = np.array_equal(with_inplace(), with_dmatrix())
         rows.append(
@@ -85,8 +88,13 @@ def main(argv: list[str] | None = None) -> int:
         "DMatrix / inplace",
         "same scores",
     ]
-    config = {"model": model_stage.params, "nthread": stage.nthread, "repeat": args.repeat}
-    md = write("model", config, rows, markdown(header, table))
+    config = {
+        "model": model_stage.params,
+        "nthread": stage.nthread,
+        "repeat": repeat,
+        "smoke": args.smoke,
+    }
+    md = write("model", config, rows, markdown(header, table), args.results)
     print(md.read_text())
     return 0
 

@@ -3,6 +3,7 @@ and how results are written (JSON for machines, Markdown for people)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
+DATA = Path(__file__).parent / ".data"
+"""Inputs and work files of the default runs, reused by later runs (gitignored)."""
 PACKAGES = ("ray", "xgboost", "pandas", "pyarrow", "numpy", "pydantic")
 
 
@@ -57,15 +60,48 @@ def median_seconds(call: Callable[[], Any], repeat: int) -> float:
     return median(seconds)
 
 
-def write(name: str, config: dict[str, Any], rows: list[dict[str, Any]], table: str) -> Path:
-    """``bench/results/<name>.json`` and ``<name>.md``; returns the Markdown path."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """``--results DIR`` and ``--smoke``, which every benchmark takes."""
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=RESULTS,
+        help="write <name>.json, .md (and .png) here (default: bench/results)",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes, a few seconds: checks that the benchmark runs, measures nothing",
+    )
+
+
+def scratch(results: Path) -> Path:
+    """Where a run keeps its inputs and work files: :data:`DATA` for the default
+    results folder, else ``<results>/tmp``, so a run elsewhere (a test, a quick try)
+    leaves nothing in the project and reuses nothing from it."""
+    return DATA if results.resolve() == RESULTS.resolve() else results / "tmp"
+
+
+def write(
+    name: str,
+    config: dict[str, Any],
+    rows: list[dict[str, Any]],
+    table: str,
+    results: Path = RESULTS,
+    summary: dict[str, Any] | None = None,
+) -> Path:
+    """``<results>/<name>.json`` and ``<name>.md``; returns the Markdown path.
+
+    ``summary``: figures derived from the rows (best rates, ratios), recorded as well."""
+    results.mkdir(parents=True, exist_ok=True)
     when = datetime.now(timezone.utc).isoformat(timespec="seconds")
     m = machine()
     record = {"benchmark": name, "at": when, "machine": m, "config": config, "rows": rows}
-    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    if summary is not None:
+        record["summary"] = summary
+    (results / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
-    md = RESULTS / f"{name}.md"
+    md = results / f"{name}.md"
     md.write_text(
         f"# {name}\n\n{m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}; "
         f"{versions}. Run {when}.\n\nConfiguration: `{json.dumps(config)}`\n\n{table}\n"

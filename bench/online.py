@@ -1,0 +1,424 @@
+"""Online: single-record POST /predict of the demo pipeline, ``stageline serve``
+against the other ways to serve it, under load from ``wrk``.
+
+    python -m bench.online [--targets A A2 B C D E] [--concurrency 1 8 32 64 128]
+                           [--duration S] [--warmup S] [--home H] [--results DIR] [--smoke]
+
+Targets, each its own process on a free loopback port, started, polled until it
+answers 200, measured, stopped, one at a time:
+
+- A   ``stageline serve``, exactly as shipped;
+- A2  (A' in the results) the same with ``serve.fuse: []`` and ``serve.inline: []``:
+  one deployment per stage;
+- B   the stages composed as Ray Serve's examples compose a chain (``bench.naive_serve``);
+- C   FastAPI with uvicorn, 2 workers, no Ray (``bench.fastapi_app``);
+- D   no HTTP: ``Pipeline.predict`` in this process, the floor;
+- E   a no-op app with A's Serve settings, the engine's ceiling (``bench.noop_serve``).
+
+At each concurrency (= wrk connections, one wrk thread), a warm-up whose result is
+discarded, then the measure: p50 and p99 latency, requests per second, errors
+(connect, read, write, HTTP status >= 400, timeouts past 2 s). A target's max RPS is
+the best rate with p99 <= 100 ms and no errors. The home defaults to
+``bench/.data/home`` (the demo is built there on first use).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import requests
+import yaml
+
+from bench.processes import local_env, start, stop
+from bench.report import DATA, add_run_options, markdown, median_seconds, scratch, write
+from stageline.cli import DEFAULT_SPEC, ensure_demo, example_record
+from stageline.localray import free_port
+from stageline.pipeline import Pipeline
+from stageline.spec import PipelineSpec, load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+LUA = Path(__file__).with_name("wrk_predict.lua")
+HOME = DATA / "home"
+LEVELS = (1, 8, 32, 64, 128)
+SMOKE_LEVELS = (1, 8)
+P99_LIMIT_MS = 100.0
+READY_TIMEOUT_S = 180.0
+WRK_TIMEOUT = "2s"
+D_CALLS = 500
+JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+@dataclass(frozen=True)
+class Target:
+    key: str
+    """The CLI spelling."""
+    label: str
+    """The results' spelling."""
+    name: str
+
+
+TARGETS = {
+    t.key: t
+    for t in (
+        Target("A", "A", "stageline (shipped defaults)"),
+        Target("A2", "A'", "stageline, one deployment per stage"),
+        Target("B", "B", "naive Ray Serve"),
+        Target("C", "C", "FastAPI/uvicorn, 2 workers"),
+        Target("D", "D", "in-process floor"),
+        Target("E", "E", "engine ceiling (no-op Ray Serve)"),
+    )
+}
+RATIOS = (("A", "B"), ("A", "C"), ("A2", "C"), ("A", "E"))
+
+
+class TargetError(Exception):
+    """A target did not start or stopped answering; the message says what its log says."""
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def per_stage_spec(work: Path) -> Path:
+    """The shipped spec with every stage in a deployment of its own (nothing fused,
+    nothing inline), written to ``work``; everything else as shipped."""
+    data = yaml.safe_load((ROOT / DEFAULT_SPEC).read_text())
+    data.setdefault("serve", {}).update({"fuse": [], "inline": []})
+    path = work / "fraud-per-stage.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def command(key: str, port: int, home: Path, work: Path) -> list[str]:
+    """How target ``key`` is started, from the project root."""
+    py = sys.executable
+    if key in ("A", "A2"):
+        # A free metrics port, not the default 8080: a server already running on this
+        # machine must not make the benchmark fail. Ray exports metrics either way.
+        serve = [py, "-m", "stageline.cli", "serve", "--port", str(port), "--home", str(home),
+                 "--metrics-port", str(free_port())]  # fmt: skip
+        return serve if key == "A" else [*serve, "--spec", str(per_stage_spec(work))]
+    if key == "B":
+        return [py, "-m", "bench.naive_serve", "--port", str(port), "--home", str(home)]
+    if key == "C":
+        return [py, "-m", "uvicorn", "bench.fastapi_app:app", "--workers", "2",
+                "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    if key == "E":
+        return [py, "-m", "bench.noop_serve", "--port", str(port)]
+    raise ValueError(f"target {key} is not a server")
+
+
+def wait_ready(
+    url: str, body: str, process: subprocess.Popen[bytes], log: Path, timeout_s: float
+) -> float:
+    """Seconds until POST ``url`` answers 200; TargetError if the process exits first
+    or ``timeout_s`` passes."""
+    started = time.monotonic()
+    last = "no answer"
+    while True:
+        if process.poll() is not None:
+            raise TargetError(f"exited with status {process.returncode}:\n{tail(log)}")
+        try:
+            response = requests.post(url, data=body, headers=JSON_HEADERS, timeout=10)
+            if response.status_code == 200:
+                return time.monotonic() - started
+            last = f"{response.status_code} {response.text[:300]}"
+        except requests.RequestException as e:
+            last = type(e).__name__
+        if time.monotonic() - started > timeout_s:
+            raise TargetError(f"no 200 within {timeout_s:.0f} s (last: {last}):\n{tail(log)}")
+        time.sleep(0.5)
+
+
+def tail(log: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"(no log at {log})"
+
+
+def wrk(url: str, connections: int, seconds: float, body: str) -> dict[str, Any]:
+    """One wrk run: what ``wrk_predict.lua`` prints, plus the rate and wrk's own CPU."""
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{math.ceil(seconds)}s", "--latency",
+            "--timeout", WRK_TIMEOUT, "-s", str(LUA), url]  # fmt: skip
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=local_env(WRK_BODY=body),
+    )  # fmt: skip
+    whole = math.ceil(seconds) == seconds
+    try:
+        out, err = proc.communicate(timeout=seconds + 30 if whole else seconds)
+    except subprocess.TimeoutExpired:
+        # wrk's -d takes whole seconds; on SIGINT it stops and reports what it has.
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    found = [line for line in out.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not found:
+        raise TargetError(f"wrk failed (status {proc.returncode}): {err.strip() or out[-500:]}")
+    result: dict[str, Any] = json.loads(found[-1])
+    duration = result["duration_s"] or seconds
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    result["rps"] = result["requests"] / duration
+    result["wrk_cpu"] = cpu / duration
+    return result
+
+
+def measure_server(
+    target: Target,
+    levels: list[int],
+    seconds: float,
+    warmup: float,
+    body: str,
+    home: Path,
+    work: Path,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Start ``target``, measure it at every level, stop it: (rows, facts)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/predict"
+    argv = command(target.key, port, home, work)
+    log = work / "logs" / f"online-{target.key}.log"
+    print(f"{target.label}: {target.name}: starting", flush=True)
+    process = start(argv, log, local_env(STAGELINE_HOME=str(home)), ROOT)
+    rows: list[dict[str, Any]] = []
+    facts: dict[str, Any] = {"command": " ".join(argv), "log": str(log)}
+    try:
+        facts["ready_s"] = wait_ready(url, body, process, log, READY_TIMEOUT_S)
+        for c in levels:
+            if warmup > 0:
+                wrk(url, c, warmup, body)
+            result = wrk(url, c, seconds, body)
+            if process.poll() is not None:
+                raise TargetError(f"exited with status {process.returncode}:\n{tail(log)}")
+            rows.append({"target": target.label, "name": target.name, "concurrency": c, **result})
+            print(f"  {line(rows[-1])}", flush=True)
+    finally:
+        started = time.monotonic()
+        facts["killed"] = stop(process)
+        facts["stop_s"] = time.monotonic() - started
+    return rows, facts
+
+
+def measure_in_process(
+    spec: PipelineSpec, home: Path, record: dict[str, Any], calls: int
+) -> dict[str, Any]:
+    """Target D: one record through ``Pipeline.predict`` in this process."""
+    target = TARGETS["D"]
+    print(f"{target.label}: {target.name}", flush=True)
+    pipeline = Pipeline(spec, home)
+    frame = pd.DataFrame([record])
+    seconds = median_seconds(lambda: pipeline.predict(frame), calls)
+    row = {"target": target.label, "name": target.name, "concurrency": 1,
+           "p50_ms": seconds * 1e3, "rps": 1 / seconds, "calls": calls}  # fmt: skip
+    print(f"  {line(row)}", flush=True)
+    return row
+
+
+# --------------------------------------------------------------------------- results
+
+
+def errors(row: dict[str, Any]) -> int:
+    return sum(row.get("errors", {}).values())
+
+
+def line(row: dict[str, Any]) -> str:
+    p99 = f", p99 {row['p99_ms']:.1f} ms" if "p99_ms" in row else ""
+    return (
+        f"c={row['concurrency']}: p50 {row['p50_ms']:.1f} ms{p99}, {row['rps']:,.0f} req/s, "
+        f"{errors(row)} errors"
+    )
+
+
+def max_rps(rows: list[dict[str, Any]], label: str) -> float:
+    """The best rate with p99 within the limit and no errors; 0 if none. (D: calls/s.)"""
+    good = [
+        r["rps"]
+        for r in rows
+        if r["target"] == label and r.get("p99_ms", 0) <= P99_LIMIT_MS and errors(r) == 0
+    ]
+    return max(good, default=0.0)
+
+
+def summarize(
+    rows: list[dict[str, Any]], targets: list[Target], facts: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    best = {t.label: max_rps(rows, t.label) for t in targets if t.label in facts}
+    ratios: dict[str, float | None] = {}
+    for top, bottom in RATIOS:
+        a, b = TARGETS[top].label, TARGETS[bottom].label
+        if a in best and b in best:
+            ratios[f"{a}/{b} max RPS"] = best[a] / best[b] if best[a] and best[b] else None
+    p50 = {
+        r["target"]: r["p50_ms"]
+        for r in rows
+        if r["concurrency"] == 1 and r["target"] in ("A", "C") and r.get("requests")
+    }
+    if len(p50) == 2:
+        ratios["A/C p50 at concurrency 1"] = p50["A"] / p50["C"]
+    return {"max_rps": best, "ratios": ratios, "targets": facts}
+
+
+def tables(rows: list[dict[str, Any]], targets: list[Target], summary: dict[str, Any]) -> str:
+    def ms(row: dict[str, Any], key: str) -> str:
+        return f"{row[key]:.1f}" if key in row else "-"
+
+    def error_text(row: dict[str, Any]) -> str:
+        if "errors" not in row:
+            return "-"
+        kinds = [f"{k} {v}" for k, v in row["errors"].items() if v]
+        return f"{errors(row)} ({', '.join(kinds)})" if kinds else "0"
+
+    levels = [
+        [r["target"] + (" (in process)" if r["target"] == "D" else ""), r["concurrency"],
+         ms(r, "p50_ms"), ms(r, "p99_ms"), f"{r['rps']:,.0f}", error_text(r),
+         f"{r['wrk_cpu']:.0%}" if "wrk_cpu" in r else "-"]
+        for r in rows
+    ]  # fmt: skip
+    per_target = []
+    for t in targets:
+        facts = summary["targets"].get(t.label, {})
+        if "failed" in facts:
+            best, ready = f"failed: {facts['failed'].splitlines()[0]}", "-"
+        else:
+            best = f"{summary['max_rps'][t.label]:,.0f}" + (" (calls/s)" if t.key == "D" else "")
+            ready = f"{facts['ready_s']:.0f}" if "ready_s" in facts else "-"
+        per_target.append([t.label, t.name, best, ready])
+    ratios = [
+        [name, "n/a" if value is None else f"{value:.2f}x"]
+        for name, value in summary["ratios"].items()
+    ]
+    return "\n\n".join(
+        [
+            markdown(["target", "concurrency", "p50 ms", "p99 ms", "RPS", "errors",
+                      "wrk CPU (one core)"], levels),
+            markdown(["target", "what", f"max RPS (p99 <= {P99_LIMIT_MS:g} ms, no errors)",
+                      "ready after s"], per_target),
+            markdown(["ratio", "value"], ratios),
+        ]
+    )  # fmt: skip
+
+
+def plot(rows: list[dict[str, Any]], targets: list[Target], results: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
+
+    fig, (latency, rate) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for t in targets:
+        mine = [r for r in rows if r["target"] == t.label]
+        if not mine:
+            continue
+        if t.key == "D":
+            floor = mine[0]
+            latency.axhline(floor["p50_ms"], color="gray", linestyle=":", label="D p50 (floor)")
+            rate.axhline(floor["rps"], color="gray", linestyle=":", label=f"D: {t.name}")
+            continue
+        xs = [r["concurrency"] for r in mine]
+        (p50,) = latency.plot(xs, [r["p50_ms"] for r in mine], marker="o", label=f"{t.label} p50")
+        latency.plot(xs, [r["p99_ms"] for r in mine], marker="x", linestyle="--",
+                     color=p50.get_color(), label=f"{t.label} p99")  # fmt: skip
+        rate.plot(xs, [r["rps"] for r in mine], marker="o", color=p50.get_color(),
+                  label=f"{t.label}: {t.name}")  # fmt: skip
+    latency.axhline(P99_LIMIT_MS, color="red", alpha=0.3, linewidth=1)
+    latency.set(yscale="log", ylabel="latency ms", title="p50 (solid) and p99 (dashed) latency")
+    rate.set(yscale="log", ylabel="requests/s", title="throughput")
+    levels = sorted({r["concurrency"] for r in rows if r["target"] != "D"})
+    for ax in (latency, rate):
+        ax.set_xscale("log", base=2)
+        if levels:
+            ax.set_xticks(levels, [str(c) for c in levels])
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xlabel("concurrency (connections)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = results / "online.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- main
+
+
+def wrk_version() -> str:
+    out = subprocess.run(["wrk", "-v"], capture_output=True, text=True)
+    return (out.stdout + out.stderr).split(" Copyright")[0].strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--targets", nargs="+", choices=list(TARGETS), default=list(TARGETS))
+    parser.add_argument("--concurrency", nargs="+", type=int, default=list(LEVELS))
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per level (10)")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds before each (3)")
+    parser.add_argument("--home", type=Path, default=HOME, help=f"default: {HOME}")
+    add_run_options(parser)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.concurrency, args.duration, args.warmup = list(SMOKE_LEVELS), 1.0, 0.5
+    if shutil.which("wrk") is None:
+        raise SystemExit("bench.online needs wrk: sudo apt-get install wrk")
+    targets = [TARGETS[k] for k in dict.fromkeys(args.targets)]
+    home: Path = args.home.resolve()
+    spec = load_spec(ROOT / DEFAULT_SPEC)
+    ensure_demo(spec, home)
+    record = example_record(spec, home)
+    if record is None:
+        raise SystemExit(f"no held-out demo records under {home}: run stageline demo --home {home}")
+    body = json.dumps({"records": [record]}, default=str)
+    work = scratch(args.results)
+    work.mkdir(parents=True, exist_ok=True)
+    calls = 20 if args.smoke else D_CALLS
+
+    rows: list[dict[str, Any]] = []
+    facts: dict[str, dict[str, Any]] = {}
+    for t in targets:
+        try:
+            if t.key == "D":
+                rows.append(measure_in_process(spec, home, record, calls))
+                facts[t.label] = {}
+            else:
+                measured, facts[t.label] = measure_server(
+                    t, args.concurrency, args.duration, args.warmup, body, home, work
+                )
+                rows += measured
+        except TargetError as e:
+            print(f"{t.label}: failed: {e}", file=sys.stderr, flush=True)
+            facts[t.label] = {"failed": str(e)}
+
+    summary = summarize(rows, targets, facts)
+    config = {
+        "targets": [t.label for t in targets],
+        "concurrency": args.concurrency,
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+        "wrk": f"{wrk_version()}: -t1 -c<concurrency> --latency --timeout {WRK_TIMEOUT}",
+        "request": body,
+        "spec": DEFAULT_SPEC,
+        "in_process_calls": calls,
+        "p99_limit_ms": P99_LIMIT_MS,
+        "smoke": args.smoke,
+    }
+    md = write("online", config, rows, tables(rows, targets, summary), args.results, summary)
+    plot(rows, targets, args.results)
+    print(md.read_text())
+    return 1 if any("failed" in f for f in facts.values()) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,104 @@
+"""Every benchmark runs: each one's smoke mode as a user runs it, a subprocess that
+starts its own Ray (never this test session's), writing its results to tmp_path."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.processes import NOT_INHERITED, local_env
+from stageline.demo.train import DemoResult
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def bench_home(demo: DemoResult, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the session's demo home: the servers write to their home."""
+    home = tmp_path_factory.mktemp("bench") / "home"
+    shutil.copytree(demo.home, home)
+    return home
+
+
+def smoke(name: str, results: Path, home: Path, timeout: float) -> dict[str, Any]:
+    """``python -m bench.<name> --smoke``; its JSON, after checking the files it writes."""
+    argv = [sys.executable, "-m", f"bench.{name}", "--smoke", "--results", str(results)]
+    if name != "hop":
+        argv += ["--home", str(home)]
+    run = subprocess.run(
+        argv, cwd=ROOT, env=local_env(), capture_output=True, text=True, timeout=timeout
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    markdown = (results / f"{name}.md").read_text()
+    assert markdown.startswith(f"# {name}")
+    assert "\n|---|" in markdown
+    assert markdown in run.stdout, "the table is printed too"
+    record: dict[str, Any] = json.loads((results / f"{name}.json").read_text())
+    assert record["config"]["smoke"] is True
+    assert record["machine"]["versions"]["ray"]
+    return record
+
+
+def test_the_benchmarks_never_inherit_a_ray_address_or_an_api_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    monkeypatch.setenv("STAGELINE_API_KEY", "k")
+    env = local_env()
+    assert not set(NOT_INHERITED) & set(env)
+    assert env["PATH"] == os.environ["PATH"]
+
+
+def test_model_smoke(tmp_path: Path, bench_home: Path) -> None:
+    record = smoke("model", tmp_path, bench_home, timeout=120)
+    rows = record["rows"]
+    assert [r["batch"] for r in rows] == [1, 8, 64]
+    assert all(r["identical"] for r in rows), rows
+
+
+def test_hop_smoke(tmp_path: Path, bench_home: Path) -> None:
+    record = smoke("hop", tmp_path, bench_home, timeout=180)
+    rows = {r["kind"]: r for r in record["rows"]}
+    assert set(rows) == {"DeploymentHandle", "Ray actor"}
+    assert all(r["sequential_s"] > 0 and r["calls_per_s"] > 0 for r in rows.values())
+
+
+def test_batch_smoke(tmp_path: Path, bench_home: Path) -> None:
+    record = smoke("batch", tmp_path, bench_home, timeout=300)
+    rows = record["rows"]
+    assert {(r["kind"], r["rows"]) for r in rows} == {
+        ("stageline batch", 20_000),
+        ("pandas loop", 20_000),
+    }
+    assert all(r["rows_per_s"] > 0 and r["peak_pss"] > 0 for r in rows), rows
+    assert (tmp_path / "batch.png").stat().st_size > 0
+    assert not (tmp_path / "tmp" / "out").exists(), "the outputs are cleaned up"
+
+
+@pytest.mark.skipif(
+    shutil.which("wrk") is None and os.environ.get("CI") != "true",
+    reason="wrk is not installed (apt-get install wrk; scripts/test does)",
+)
+def test_online_smoke(tmp_path: Path, bench_home: Path) -> None:
+    record = smoke("online", tmp_path, bench_home, timeout=600)
+    rows = record["rows"]
+    assert {(r["target"], r["concurrency"]) for r in rows} == {
+        *((t, c) for t in ("A", "A'", "B", "C", "E") for c in (1, 8)),
+        ("D", 1),
+    }
+    for row in rows:
+        if row["target"] != "D" and row["concurrency"] == 1:
+            assert row["requests"] > 0, row
+            assert sum(row["errors"].values()) == 0, row
+    summary = record["summary"]
+    assert set(summary["max_rps"]) == {"A", "A'", "B", "C", "D", "E"}
+    assert "A/C p50 at concurrency 1" in summary["ratios"]
+    assert (tmp_path / "online.png").stat().st_size > 0
