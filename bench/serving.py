@@ -3,14 +3,13 @@ runs its own: a local Ray on loopback, Serve's HTTP proxy on ``127.0.0.1:port``.
 
 from __future__ import annotations
 
-import signal
 import sys
-import time
 
 import ray
 from ray import serve
 from ray.serve import Application
 
+from stageline.cli import wait_for_signal
 from stageline.localray import local_ray_options
 
 
@@ -21,19 +20,10 @@ def serve_until_stopped(app: Application, port: int, name: str) -> None:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(app, name=name, route_prefix="/")
         print(f"serving {name} at http://127.0.0.1:{port}", flush=True)
-        _wait_for_signal()
+        wait_for_signal()
     except KeyboardInterrupt:
         pass
     finally:
         print("stopping ...", file=sys.stderr, flush=True)
         serve.shutdown()  # type: ignore[no-untyped-call]
         ray.shutdown()
-
-
-def _wait_for_signal() -> None:
-    def interrupt(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)
-    while True:
-        time.sleep(3600)

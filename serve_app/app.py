@@ -79,6 +79,7 @@ def build_app(args: AppArgs) -> Application:
             max_queued_requests=ingress.max_queued_requests,
             # Model stages placed inline reload in the ingress replica.
             user_config={k: v for s in inline for k, v in user_config(spec, s, args.model).items()},
+            logging_config=_logging(spec),
         )
         .options(version=version, _internal=True)
         .bind(handles)
@@ -123,6 +124,7 @@ def deployment(spec: PipelineSpec, segment: Segment, home: str, model: str | Non
         max_ongoing_requests=options.max_ongoing_requests,
         max_queued_requests=options.max_queued_requests,
         user_config=user_config(spec, segment, model),
+        logging_config=_logging(spec),
     )
 
 
@@ -142,6 +144,10 @@ def user_config(spec: PipelineSpec, segment: Segment, model: str | None) -> dict
         else:
             config[stage] = {k: params[k] for k in ("alias", "version") if k in params}
     return config
+
+
+def _logging(spec: PipelineSpec) -> dict[str, Any]:
+    return {"enable_access_log": spec.serve.access_log}
 
 
 def _autoscaling(options: Any, max_ongoing: int) -> dict[str, Any]:

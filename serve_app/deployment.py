@@ -8,6 +8,7 @@ Nothing about a stage is rewritten for Serve: the replica holds a
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from pathlib import Path
@@ -27,6 +28,22 @@ log = logging.getLogger("ray.serve")
 
 LATENCY_BOUNDARIES_MS = [0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1e3, 2e3, 5e3]
 BATCH_BOUNDARIES = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0]
+
+
+def freeze_heap() -> None:
+    """Leave everything built so far (model, features, Ray, FastAPI) out of the garbage
+    collector's full passes. A replica holds ~10^5 long-lived objects; a full pass over
+    them takes ~90 ms here and lands on whichever requests are in flight (the p99)."""
+    gc.collect()
+    gc.freeze()
+
+
+def set_batching(batched: Any, max_size: int | None, wait_ms: float | None) -> None:
+    """Change a ``@serve.batch`` method's batch size and wait (None: leave as is)."""
+    if max_size is not None:
+        batched.set_max_batch_size(int(max_size))  # serve.batch adds these at run time
+    if wait_ms is not None:
+        batched.set_batch_wait_timeout_s(float(wait_ms) / 1000)
 
 
 @serve.deployment
@@ -67,6 +84,7 @@ class StageDeployment:
         self.batch_sizes: list[int] = []
         self._models: list[tuple[float, dict[str, str]]] = []
         self._report_models()
+        freeze_heap()
 
     async def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         if self.batching:
@@ -114,11 +132,7 @@ class StageDeployment:
         self._report_models()
 
     def _set_batching(self, max_size: int | None, wait_ms: float | None) -> None:
-        batched: Any = self._batched  # serve.batch adds these setters at run time
-        if max_size is not None:
-            batched.set_max_batch_size(int(max_size))
-        if wait_ms is not None:
-            batched.set_batch_wait_timeout_s(float(wait_ms) / 1000)
+        set_batching(self._batched, max_size, wait_ms)
 
     def _report_models(self) -> None:
         self._models = [

@@ -28,6 +28,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import _loopback as loopback
+from serve_app.deployment import freeze_heap, set_batching
 from serve_app.http import (
     ApiError,
     ApiKey,
@@ -166,6 +167,10 @@ def make_ingress(spec: PipelineSpec, home: str, api_key: ApiKey) -> Any:
     predict_doc = body_schema(spec)
     segments = spec.segments()
     id_field = spec.request.id_field
+    # Batches in flight at once: one per stage deployment, so that every remote stage
+    # has work while the others do theirs. With every stage inline, one: the stages run
+    # on this replica's event loop, and a second batch would only split the first.
+    in_flight = max(1, sum(not s.inline for s in segments))
 
     @serve.ingress(app)
     class Ingress:
@@ -183,6 +188,7 @@ def make_ingress(spec: PipelineSpec, home: str, api_key: ApiKey) -> Any:
             if self.batching is not None:
                 self._set_batching(self.batching.max_size, self.batching.wait_ms)
             api_key.load()
+            freeze_heap()
 
         def reconfigure(self, user_config: dict[str, Any]) -> None:
             """Model references for the stages placed inline (see ``build_app``) and
@@ -195,11 +201,7 @@ def make_ingress(spec: PipelineSpec, home: str, api_key: ApiKey) -> Any:
                     runner.reconfigure(user_config)
 
         def _set_batching(self, max_size: int | None, wait_ms: float | None) -> None:
-            batched: Any = self._batched  # serve.batch adds these setters at run time
-            if max_size is not None:
-                batched.set_max_batch_size(int(max_size))
-            if wait_ms is not None:
-                batched.set_batch_wait_timeout_s(float(wait_ms) / 1000)
+            set_batching(self._batched, max_size, wait_ms)
 
         # -- scoring -----------------------------------------------------------
 
@@ -213,7 +215,7 @@ def make_ingress(spec: PipelineSpec, home: str, api_key: ApiKey) -> Any:
                 return scored
             return (await self._score_all([rows]))[0]
 
-        @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
+        @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0, max_concurrent_batches=in_flight)
         async def _batched(
             self, requests: list[list[dict[str, Any]]]
         ) -> list[list[dict[str, Any]]]:

@@ -459,7 +459,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if example is not None:
             print(local.example_curl(url, example))
         print("Ctrl-C to stop", flush=True)
-        _wait_for_signal()
+        wait_for_signal()
     except KeyboardInterrupt:
         pass
     finally:
@@ -498,7 +498,7 @@ def ray_disconnect() -> None:
     ray.shutdown()
 
 
-def _wait_for_signal() -> None:
+def wait_for_signal() -> None:
     """Block until Ctrl-C or SIGTERM (turned into KeyboardInterrupt for a clean stop)."""
     import signal
 

@@ -144,12 +144,15 @@ def test_app_deploys_from_the_config_and_reloads_the_model_in_place(
         assert resp.json()["model"] == {"name": "fraud", "version": 1}
         assert served_model(url)["ref"] == "champion"
 
-        # An operator pins the version in the config's user_config and applies it again:
-        # the model stage reloads, no replica restarts.
+        # An operator pins the version in the config's user_config (of the deployment
+        # the model stage runs in) and applies it again: it reloads, no replica restarts.
         replicas = replica_ids(name)
+        pinned = 0
         for deployment in app["deployments"]:
-            if deployment["name"] == "model":
+            if "model" in deployment.get("user_config", {}):
                 deployment["user_config"] = {"model": {"version": 1}}
+                pinned += 1
+        assert pinned == 1
         deploy(app)
         wait_for(lambda: served_model(url)["ref"] == 1, timeout=30, what="the model to be pinned")
         assert replica_ids(name) == replicas
@@ -257,6 +260,8 @@ def test_rayservice_workers_hold_every_stage_at_its_max_replicas(
     built = {d.name: d for d in app_config.deployments}
     needed = 0.0
     for segment in [*spec.segments(), None]:
+        if segment is not None and segment.inline:
+            continue  # runs inside the ingress replica: no deployment of its own
         name = "ingress" if segment is None else segment.name
         options = override(app_config, name) if name in built else {}
         cpus = options.get("ray_actor_options", {}).get("num_cpus")
