@@ -178,9 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         "spec": DEFAULT_SPEC,
         "smoke": args.smoke,
     }
-    md = write("batch", config, rows, markdown(header, table), args.results)
+    write("batch", config, rows, markdown(header, table), args.results)
     plot(rows, args.results)
-    print(md.read_text())
     return 0
 
 

@@ -94,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeat": repeat,
         "smoke": args.smoke,
     }
-    md = write("model", config, rows, markdown(header, table), args.results)
-    print(md.read_text())
+    write("model", config, rows, markdown(header, table), args.results)
     return 0
 
 

@@ -414,9 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         "p99_limit_ms": P99_LIMIT_MS,
         "smoke": args.smoke,
     }
-    md = write("online", config, rows, tables(rows, targets, summary), args.results, summary)
+    write("online", config, rows, tables(rows, targets, summary), args.results, summary)
     plot(rows, targets, args.results)
-    print(md.read_text())
     return 1 if any("failed" in f for f in facts.values()) else 0
 
 

@@ -90,7 +90,8 @@ def write(
     results: Path = RESULTS,
     summary: dict[str, Any] | None = None,
 ) -> Path:
-    """``<results>/<name>.json`` and ``<name>.md``; returns the Markdown path.
+    """``<results>/<name>.json`` and ``<name>.md``, the Markdown also printed; returns
+    the Markdown path.
 
     ``summary``: figures derived from the rows (best rates, ratios), recorded as well."""
     results.mkdir(parents=True, exist_ok=True)
@@ -106,6 +107,7 @@ def write(
         f"# {name}\n\n{m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}; "
         f"{versions}. Run {when}.\n\nConfiguration: `{json.dumps(config)}`\n\n{table}\n"
     )
+    print(md.read_text(), flush=True)
     return md
 
 
