@@ -8,6 +8,7 @@ Nothing about a stage is rewritten for Serve: the replica holds a
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import time
@@ -46,30 +47,21 @@ def set_batching(batched: Any, max_size: int | None, wait_ms: float | None) -> N
         batched.set_batch_wait_timeout_s(float(wait_ms) / 1000)
 
 
-@serve.deployment
-class StageDeployment:
-    """A Serve replica running ``stages`` of ``spec`` (one stage or a fused group)."""
+class _Metrics:
+    """The stage metrics of this process, created once (Ray registers them by name)."""
 
-    def __init__(self, spec: PipelineSpec, stages: list[str], home: str) -> None:
-        loopback.install()
-        self.segment = "+".join(stages)
-        self.chain = StageChain(spec, stages, Path(home))
-        batching = spec.stage(stages[0]).serve.batch
-        self.batching = batching is not None
-        if batching is not None:
-            self._set_batching(batching.max_size, batching.wait_ms)
-        tags = ("segment",)
+    def __init__(self) -> None:
         self.latency = metrics.Histogram(
             "stageline_stage_latency_ms",
             description="Time one call of a stage segment took (one merged batch).",
             boundaries=LATENCY_BOUNDARIES_MS,
-            tag_keys=tags,
+            tag_keys=("segment",),
         )
         self.batch_rows = metrics.Histogram(
             "stageline_batch_rows",
             description="Rows per call of a stage segment, after dynamic batching.",
             boundaries=BATCH_BOUNDARIES,
-            tag_keys=tags,
+            tag_keys=("segment",),
         )
         self.marked = metrics.Counter(
             "stageline_rows_rejected",
@@ -81,58 +73,47 @@ class StageDeployment:
             description="Model version a model stage serves.",
             tag_keys=("segment", "stage", "model"),  # type: ignore[arg-type]
         )
+
+
+@functools.cache
+def _metrics() -> _Metrics:
+    return _Metrics()
+
+
+class MeteredChain:
+    """A :class:`StageChain` whose every call is measured: latency and rows per call,
+    rows rejected by stage, the model versions served. What a stage deployment runs,
+    and what the ingress runs for each stage placed inline."""
+
+    def __init__(self, spec: PipelineSpec, stages: list[str], home: str) -> None:
+        self.segment = "+".join(stages)
+        self.chain = StageChain(spec, stages, Path(home))
+        self.metrics = _metrics()
         self.batch_sizes: list[int] = []
         self._models: list[tuple[float, dict[str, str]]] = []
         self._report_models()
-        freeze_heap()
 
-    async def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        if self.batching:
-            result: pd.DataFrame = await self._batched(batch)
-            return result
-        return self._run(batch)
-
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
-    async def _batched(self, batches: list[pd.DataFrame]) -> list[pd.DataFrame]:
-        if len(batches) == 1:
-            return [self._run(batches[0])]
-        sizes = [len(b) for b in batches]
-        merged = self._run(pd.concat(batches, ignore_index=True))
-        bounds = np.cumsum([0, *sizes])
-        return [
-            merged.iloc[bounds[i] : bounds[i + 1]].set_axis(batches[i].index)
-            for i in range(len(batches))
-        ]
-
-    def _run(self, batch: pd.DataFrame) -> pd.DataFrame:
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         started = time.perf_counter()
         out = self.chain(batch)
-        tags = {"segment": self.segment}
+        m, tags = self.metrics, {"segment": self.segment}
         # Set per batch: a gauge set while the replica is still constructing is not exported.
         for version, model_tags in self._models:
-            self.model_version.set(version, tags=model_tags)
-        self.latency.observe((time.perf_counter() - started) * 1000, tags=tags)
-        self.batch_rows.observe(len(batch), tags=tags)
+            m.model_version.set(version, tags=model_tags)
+        m.latency.observe((time.perf_counter() - started) * 1000, tags=tags)
+        m.batch_rows.observe(len(batch), tags=tags)
         self.batch_sizes = [*self.batch_sizes[-999:], len(batch)]
         bad = error_mask(out) & ~error_mask(batch)
         if bad.any():
             for reason, count in (
                 out.loc[bad, "_error"].str.split(":").str[0].value_counts().items()
             ):
-                self.marked.inc(int(count), tags={"segment": self.segment, "stage": str(reason)})
+                m.marked.inc(int(count), tags={"segment": self.segment, "stage": str(reason)})
         return out
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Serve calls this on start and on every ``user_config`` change: per-stage
-        params (``{"model": {"alias": "challenger"}}``) and batching overrides
-        (``{"batch": {"max_size": 32, "wait_ms": 1}}``)."""
-        batching = user_config.get("batch") or {}
-        self._set_batching(batching.get("max_size"), batching.get("wait_ms"))
-        self.chain.reconfigure(user_config)
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        self.chain.reconfigure(config)
         self._report_models()
-
-    def _set_batching(self, max_size: int | None, wait_ms: float | None) -> None:
-        set_batching(self._batched, max_size, wait_ms)
 
     def _report_models(self) -> None:
         self._models = [
@@ -144,11 +125,57 @@ class StageDeployment:
             if "version" in report
         ]
 
+    def status(self) -> dict[str, dict[str, Any]]:
+        return self.chain.status()
+
+
+@serve.deployment
+class StageDeployment:
+    """A Serve replica running ``stages`` of ``spec`` (one stage or a fused group)."""
+
+    def __init__(self, spec: PipelineSpec, stages: list[str], home: str) -> None:
+        loopback.install()
+        self.chain = MeteredChain(spec, stages, home)
+        batching = spec.stage(stages[0]).serve.batch
+        self.batching = batching is not None
+        if batching is not None:
+            self._set_batching(batching.max_size, batching.wait_ms)
+        freeze_heap()
+
+    async def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        if self.batching:
+            result: pd.DataFrame = await self._batched(batch)
+            return result
+        return self.chain(batch)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
+    async def _batched(self, batches: list[pd.DataFrame]) -> list[pd.DataFrame]:
+        if len(batches) == 1:
+            return [self.chain(batches[0])]
+        sizes = [len(b) for b in batches]
+        merged = self.chain(pd.concat(batches, ignore_index=True))
+        bounds = np.cumsum([0, *sizes])
+        return [
+            merged.iloc[bounds[i] : bounds[i + 1]].set_axis(batches[i].index)
+            for i in range(len(batches))
+        ]
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve calls this on start and on every ``user_config`` change: per-stage
+        params (``{"model": {"alias": "challenger"}}``) and batching overrides
+        (``{"batch": {"max_size": 32, "wait_ms": 1}}``)."""
+        batching = user_config.get("batch") or {}
+        self._set_batching(batching.get("max_size"), batching.get("wait_ms"))
+        self.chain.reconfigure(user_config)
+
+    def _set_batching(self, max_size: int | None, wait_ms: float | None) -> None:
+        set_batching(self._batched, max_size, wait_ms)
+
     def status(self) -> dict[str, Any]:
         """Stages, what they serve, and the recent batch sizes this replica saw."""
-        sizes = self.batch_sizes
+        sizes = self.chain.batch_sizes
         return {
-            "segment": self.segment,
+            "segment": self.chain.segment,
             "stages": self.chain.status(),
             "batches": len(sizes),
             "max_batch_rows": max(sizes, default=0),

@@ -28,7 +28,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import _loopback as loopback
-from serve_app.deployment import freeze_heap, set_batching
+from serve_app.deployment import MeteredChain, freeze_heap, set_batching
 from serve_app.http import (
     ApiError,
     ApiKey,
@@ -179,10 +179,13 @@ def make_ingress(spec: PipelineSpec, home: str, api_key: ApiKey) -> Any:
             self.spec = spec
             self.validate = StageChain(spec, [], Path(home), validate=True)
             remote = iter(handles)
-            self.plan: list[tuple[Segment, DeploymentHandle[Any] | StageChain]] = [
-                (s, StageChain(spec, s.stages, Path(home)) if s.inline else next(remote))
-                for s in segments
-            ]
+            # A stage placed inline runs (and is measured) on its own, as in a deployment.
+            self.plan: list[tuple[Segment, DeploymentHandle[Any] | MeteredChain]] = []
+            for s in segments:
+                if s.inline:
+                    self.plan += [(s, MeteredChain(spec, [name], home)) for name in s.stages]
+                else:
+                    self.plan.append((s, next(remote)))
             self.timeout_s = spec.serve.request_timeout_s
             self.batching = spec.serve.ingress.batch
             if self.batching is not None:
@@ -197,7 +200,7 @@ def make_ingress(spec: PipelineSpec, home: str, api_key: ApiKey) -> Any:
             if self.batching is not None:
                 self._set_batching(batching.get("max_size"), batching.get("wait_ms"))
             for _segment, runner in self.plan:
-                if isinstance(runner, StageChain):
+                if isinstance(runner, MeteredChain):
                     runner.reconfigure(user_config)
 
         def _set_batching(self, max_size: int | None, wait_ms: float | None) -> None:
@@ -258,7 +261,7 @@ def make_ingress(spec: PipelineSpec, home: str, api_key: ApiKey) -> Any:
             current: pd.DataFrame = self.validate(frame)
             pending: Response | None = None
             for _segment, runner in self.plan:
-                if isinstance(runner, StageChain):
+                if isinstance(runner, MeteredChain):
                     if pending is not None:
                         current, pending = await pending, None
                     current = runner(current)
@@ -442,12 +445,12 @@ def make_ingress(spec: PipelineSpec, home: str, api_key: ApiKey) -> Any:
             waits = [
                 runner.status.remote()
                 for _s, runner in self.plan
-                if not isinstance(runner, StageChain)
+                if not isinstance(runner, MeteredChain)
             ]
             for report in await asyncio.wait_for(asyncio.gather(*waits), timeout=5):
                 stages.update(report["stages"])
             for _s, runner in self.plan:
-                if isinstance(runner, StageChain):
+                if isinstance(runner, MeteredChain):
                     stages.update(runner.status())
             return stages
 

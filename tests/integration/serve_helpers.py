@@ -78,7 +78,9 @@ def fraud_variant(
     """The fraud spec with ``serve:`` options and per-stage fields replaced, written
     to ``directory`` with ``files`` (user stage modules) beside it."""
     data = yaml.safe_load(FRAUD_SPEC.read_text())
-    data["serve"] = {**data.get("serve", {}), **(serve or {})}
+    # One light ingress replica: the session's Ray holds many apps at once.
+    light = {"ingress": {"num_cpus": 0.25, "autoscaling": {"min_replicas": 1, "max_replicas": 1}}}
+    data["serve"] = {**data.get("serve", {}), **light, **(serve or {})}
     for stage in data["stages"]:
         stage.update((stages or {}).get(stage["name"], {}))
     directory.mkdir(parents=True, exist_ok=True)

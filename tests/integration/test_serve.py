@@ -26,7 +26,7 @@ from serve_app.app import deployment as stage_deployment
 from stageline import Pipeline
 from stageline.pipeline import StageChain
 from stageline.registry import LocalRegistry
-from stageline.spec import IngressSpec, PipelineSpec, Segment, StageServeSpec
+from stageline.spec import IngressSpec, PipelineSpec, Segment, StageServeSpec, load_spec
 from tests.conftest import deploy_app
 from tests.integration.serve_helpers import (
     TIMEOUT,
@@ -48,8 +48,8 @@ STAGES = ["features", "transform", "model", "postprocess"]
 
 PLACEMENTS: dict[str, tuple[Json, set[str]]] = {
     # placement id: (the spec's serve: options, the deployments Serve runs)
-    "per-stage": ({}, {*STAGES, "ingress"}),
-    "fused": ({"fuse": [STAGES]}, {"features+postprocess", "ingress"}),
+    "per-stage": ({"inline": []}, {*STAGES, "ingress"}),
+    "fused": ({"inline": [], "fuse": [STAGES]}, {"features+postprocess", "ingress"}),
     "mixed": (
         {"inline": ["features"], "fuse": [["transform", "model"]]},
         {"transform+model", "postprocess", "ingress"},
@@ -124,7 +124,7 @@ def predict_each(url: str, records: list[Json], clients: int) -> dict[str, Score
 
 
 def test_one_running_deployment_per_stage_with_the_spec_autoscaling(
-    apps: dict[str, str], fraud_spec: PipelineSpec
+    apps: dict[str, str], tmp_path: Path
 ):
     """Serve runs the demo as the spec says: a healthy deployment per stage, each with
     the spec's autoscaling bounds, CPUs and concurrency limit."""
@@ -137,8 +137,9 @@ def test_one_running_deployment_per_stage_with_the_spec_autoscaling(
         assert set(overview.replica_states) == {"RUNNING"}, (deployment, overview.replica_states)
 
     details = app_details(name).deployments
-    spec: dict[str, StageServeSpec | IngressSpec] = {s: fraud_spec.stage(s).serve for s in STAGES}
-    for deployment, options in {**spec, "ingress": fraud_spec.serve.ingress}.items():
+    deployed = load_spec(fraud_variant(tmp_path, serve=PLACEMENTS["per-stage"][0]))
+    spec: dict[str, StageServeSpec | IngressSpec] = {s: deployed.stage(s).serve for s in STAGES}
+    for deployment, options in {**spec, "ingress": deployed.serve.ingress}.items():
         expected = options.autoscaling.model_dump()
         config = details[deployment].deployment_config
         autoscaling = cast(dict[str, Any], config.autoscaling_config)

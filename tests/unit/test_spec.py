@@ -454,7 +454,8 @@ def test_batch_runs_the_whole_chain_in_one_pool_unless_told_otherwise(tmp_path: 
     spec = load_spec(FRAUD_SPEC)
     everything = ("features", "transform", "model", "postprocess")
     assert [s.stages for s in spec.batch_segments()] == [everything]
-    assert [s.stages for s in spec.segments()] == [(n,) for n in everything]
+    # Online, the shipped spec runs them all inside the ingress: one inline segment.
+    assert [(s.stages, s.inline) for s in spec.segments()] == [(everything, True)]
 
     data = _fraud_dict()
     data["batch"] = {"fuse": [["features", "transform"]]}
