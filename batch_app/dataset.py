@@ -42,12 +42,17 @@ CSV_SUFFIXES = (".csv", ".csv.gz")
 
 
 def build_dataset(
-    spec: PipelineSpec, source: Source, home: str | os.PathLike[str] | None = None
+    spec: PipelineSpec,
+    source: Source,
+    home: str | os.PathLike[str] | None = None,
+    columns: Sequence[str] | None = None,
 ) -> ray.data.Dataset:
     """A lazy dataset of every stage's columns for every input row (``_error`` marks bad rows).
 
     ``source``: a parquet or CSV file, a directory, a glob, or a list of files;
-    URIs such as ``s3://bucket/prefix`` are passed to Ray unchanged.
+    URIs such as ``s3://bucket/prefix`` are passed to Ray unchanged. ``columns``: keep
+    only these (those present) of the last stage's output: what is not kept is never
+    converted, stored or sent to the caller.
     """
     paths = _paths(source)
     if not paths:
@@ -69,6 +74,7 @@ def build_dataset(
                     "stages": list(segment.stages),
                     "home": home_arg,
                     "validate": i == 0,
+                    "keep": list(columns) if columns and i == len(segments) - 1 else None,
                 },
                 batch_format="pandas",
                 batch_size=conf.batch_size,
@@ -126,14 +132,19 @@ class BatchChain(StageChain):
     is waited for, ``batch.store_retries`` times, before the run fails.
     """
 
-    def __init__(self, spec: PipelineSpec, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self, spec: PipelineSpec, *args: Any, keep: Sequence[str] | None = None, **kwargs: Any
+    ) -> None:
         self.retries = spec.batch.store_retries
+        self.keep = keep
         # Stages connect to their stores here: the same patience as for a batch.
         _with_retries(self.retries, lambda: StageChain.__init__(self, spec, *args, **kwargs))
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         frame = plain_dtypes(batch)
         out = _with_retries(self.retries, lambda: StageChain.__call__(self, frame))
+        if self.keep is not None:
+            out = out[[c for c in self.keep if c in out.columns]]
         # Text or None (never NaN), so Ray stores these as Arrow strings, not pickles.
         for col in (ERROR_COLUMN, RAW_COLUMN):
             if col in out.columns:

@@ -28,7 +28,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -48,6 +49,7 @@ from stageline.features import StoreUnavailableError
 from stageline.localray import local_ray_options
 from stageline.spec import PipelineSpec, load_spec
 from stageline.stage import ERROR_COLUMN, split_error
+from stageline.stages.postprocess import OUTPUT_COLUMNS
 from stageline.stages.validate import RAW_COLUMN
 
 log = logging.getLogger(__name__)
@@ -187,11 +189,11 @@ def _run(
 
     run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
     staging = out / STAGING / run_id
-    dataset = build_dataset(spec, [f.path for f in new], resolve_home(home))
     writer = _Writers(spec, staging, run_id)
+    dataset = build_dataset(spec, [f.path for f in new], resolve_home(home), writer.columns())
     try:
-        for batch in dataset.iter_batches(batch_format="pandas", batch_size=None):
-            assert isinstance(batch, pd.DataFrame)
+        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+            assert isinstance(batch, pa.Table)
             writer.write(batch)
     except Exception as e:
         cause = _store_unavailable(e)
@@ -387,37 +389,43 @@ class _Writers:
             ]
         )
 
-    def write(self, batch: pd.DataFrame) -> None:
-        self.rows_in += len(batch)
-        if ERROR_COLUMN in batch.columns:
-            bad = np.asarray(batch[ERROR_COLUMN].notna(), dtype=bool)
-        else:
-            bad = np.zeros(len(batch), dtype=bool)
-        good = batch[~bad]
-        if len(good):
-            self._write_good(good)
-        if bad.any():
-            self._write_bad(batch[bad])
+    def columns(self) -> list[str]:
+        """What the writer reads of the pipeline's output."""
+        wanted = [self.id_field, *self.fields, *OUTPUT_COLUMNS, ERROR_COLUMN, RAW_COLUMN]
+        return list(dict.fromkeys(wanted))
 
-    def _write_good(self, good: pd.DataFrame) -> None:
-        n = len(good)
-        reasons = [None if r is None else [str(x) for x in r] for r in good["reasons"].tolist()]
+    def write(self, batch: pa.Table) -> None:
+        self.rows_in += batch.num_rows
+        if ERROR_COLUMN in batch.column_names:
+            bad = pc.is_valid(batch[ERROR_COLUMN])
+            good = batch.filter(pc.invert(bad))
+            if pc.any(bad).as_py():
+                self._write_bad(batch.filter(bad).to_pandas())
+        else:
+            good = batch
+        if good.num_rows:
+            self._write_good(good)
+
+    def _write_good(self, good: pa.Table) -> None:
+        """Arrow to Arrow: scored rows never become Python objects on the driver."""
+        n = good.num_rows
+        columns = {
+            self.id_field: good[self.id_field],
+            **{c: good[c] for c in ("score", "label", "reasons", "model_name", "model_version")},
+            "run_id": pa.repeat(pa.scalar(self.run_id, pa.string()), n),
+        }
         table = pa.table(
-            {
-                self.id_field: pa.array(_texts(good[self.id_field]), pa.string()),
-                "score": pa.array(good["score"].to_numpy(dtype="float64"), pa.float64()),
-                "label": pa.array(good["label"].to_numpy(dtype=bool), pa.bool_()),
-                "reasons": pa.array(reasons, pa.list_(pa.string())),
-                "model_name": pa.array(_texts(good["model_name"]), pa.string()),
-                "model_version": pa.array(good["model_version"].to_numpy(dtype="int64")),
-                "run_id": pa.array([self.run_id] * n, pa.string()),
-            },
+            {c: columns[c].cast(self.data.schema.field(c).type) for c in self.data.schema.names},
             schema=self.data.schema,
         )
         self.data.write(table)
         self.rows_out += n
-        pairs = zip(good["model_name"].tolist(), good["model_version"].tolist(), strict=True)
-        self.models.update(f"{name} v{int(version)}" for name, version in set(pairs))
+        served = table.select(["model_name", "model_version"]).group_by(
+            ["model_name", "model_version"]
+        )
+        self.models.update(
+            f"{r['model_name']} v{r['model_version']}" for r in served.aggregate([]).to_pylist()
+        )
 
     def _write_bad(self, bad: pd.DataFrame) -> None:
         n = len(bad)
@@ -489,10 +497,6 @@ def _text(v: Any) -> str | None:
     if _missing(v):
         return None
     return v if isinstance(v, str) else json.dumps(v, default=str)
-
-
-def _texts(values: Iterable[Any]) -> list[str | None]:
-    return [None if _missing(v) else str(v) for v in values]
 
 
 def _jsonable(v: Any) -> Any:

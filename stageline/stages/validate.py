@@ -74,7 +74,9 @@ def validate_frame(
         if isinstance(why, str):
             reasons[fresh] = why
         else:
-            reasons[fresh] = [why(v) for v in raw.to_numpy()[fresh]]
+            # Only the flagged rows become Python objects (a datetime column would make
+            # a Timestamp of every row).
+            reasons[fresh] = [why(v) for v in raw.iloc[np.flatnonzero(fresh)].to_numpy()]
 
     for name, field in schema.fields.items():
         if name in out.columns:

@@ -63,7 +63,7 @@ def test_fraud_spec_declares_its_stages_and_defaults(fraud_spec: PipelineSpec) -
     assert postprocess.serve.batch.max_size == 64
     assert postprocess.batch.batch_size == 4096
     assert postprocess.batch.actors == (1, 2)
-    assert fraud_spec.stage("model").batch.batch_size == 8192
+    assert fraud_spec.stage("model").batch.batch_size == 65536
     assert fraud_spec.serve.fuse == ()
     assert fraud_spec.serve.max_records == 1000
     assert fraud_spec.batch.fuse == "all"
