@@ -24,10 +24,14 @@ class Sample:
     rss: int
     """Bytes: resident set size summed over the tree (shared pages counted many times)."""
     processes: int
+    uss: int = 0
+    """Bytes: private pages (each mapped by one process only) summed over the tree. Unlike
+    PSS, it does not move when other processes map or unmap the same libraries: what the
+    processes themselves allocated, for before/after comparisons."""
 
 
 def sample(root: int) -> Sample:
-    pss = rss = n = 0
+    pss = rss = uss = n = 0
     for pid in descendants(root):
         try:
             text = Path(f"/proc/{pid}/smaps_rollup").read_text()
@@ -39,7 +43,9 @@ def sample(root: int) -> Sample:
                 pss += int(line.split()[1]) * 1024
             elif line.startswith("Rss:"):
                 rss += int(line.split()[1]) * 1024
-    return Sample(pss, rss, n)
+            elif line.startswith(("Private_Clean:", "Private_Dirty:")):
+                uss += int(line.split()[1]) * 1024
+    return Sample(pss, rss, n, uss)
 
 
 class PeakMemory:

@@ -29,6 +29,19 @@ from stageline.spec import PipelineSpec, Segment, StageServeSpec, load_spec, res
 
 INGRESS = "ingress"
 
+ROLLOUT: dict[str, Any] = {"max_surge_percent": 100}
+"""Every deployment's rolling update. Serve's default stops an old replica before it
+starts the replacement: with one replica that is an outage, and a new version that
+never starts (a stage's ``__init__`` raising) leaves fewer replicas serving. With a
+100% surge every old replica serves until its replacement is ready, and stays if the
+new version fails. The price: twice the replicas' resources while a rollout runs
+(override per deployment with ``max_surge_percent`` in a Serve config)."""
+
+OVERLOAD: dict[str, Any] = {"backpressure_config": {"status_code": 503, "retry_after_s": 1}}
+"""A request over the ingress's ``max_queued_requests`` is a 503 with ``Retry-After``,
+answered by Serve before the app sees it (its proxy; in HAProxy mode the replica), as
+plain text. Behind the ingress the same limit of a stage is our JSON 503."""
+
 
 class AppArgs(BaseModel):
     """Arguments of the Serve application (``args:`` in a Serve config)."""
@@ -80,6 +93,8 @@ def build_app(args: AppArgs) -> Application:
             # Model stages placed inline reload in the ingress replica.
             user_config={k: v for s in inline for k, v in user_config(spec, s, args.model).items()},
             logging_config=_logging(spec),
+            **ROLLOUT,
+            **OVERLOAD,
         )
         .options(version=version, _internal=True)
         .bind(handles)
@@ -125,6 +140,8 @@ def deployment(spec: PipelineSpec, segment: Segment, home: str, model: str | Non
         max_queued_requests=options.max_queued_requests,
         user_config=user_config(spec, segment, model),
         logging_config=_logging(spec),
+        **ROLLOUT,
+        **OVERLOAD,
     )
 
 

@@ -8,10 +8,12 @@ Nothing about a stage is rewritten for Serve: the replica holds a
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import gc
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,20 @@ def freeze_heap() -> None:
     them takes ~90 ms here and lands on whichever requests are in flight (the p99)."""
     gc.collect()
     gc.freeze()
+
+
+async def off_loop(
+    run: Callable[..., pd.DataFrame], *args: Any, timeout_s: float | None = None
+) -> pd.DataFrame:
+    """``run(*args)`` (stages: plain blocking code) in a worker thread, given up after
+    ``timeout_s``.
+
+    On the replica's event loop a slow stage call would hold up every other request
+    of the replica, and no deadline could fire before it returned. In a thread the
+    loop stays free, and at the deadline the caller moves on: Python cannot stop the
+    thread, so the call finishes on its own, but nothing waits for it or uses its
+    result, and the next batch runs beside it."""
+    return await asyncio.wait_for(asyncio.to_thread(run, *args), timeout_s)
 
 
 def set_batching(batched: Any, max_size: int | None, wait_ms: float | None) -> None:
@@ -136,6 +152,9 @@ class StageDeployment:
     def __init__(self, spec: PipelineSpec, stages: list[str], home: str) -> None:
         loopback.install()
         self.chain = MeteredChain(spec, stages, home)
+        # No call outlives the deadline of the requests it serves (see off_loop).
+        self.timeout_s = spec.serve.request_timeout_s
+        self._one_at_a_time = asyncio.Lock()
         batching = spec.stage(stages[0]).serve.batch
         self.batching = batching is not None
         if batching is not None:
@@ -146,14 +165,18 @@ class StageDeployment:
         if self.batching:
             result: pd.DataFrame = await self._batched(batch)
             return result
-        return self.chain(batch)
+        # One call at a time, as with batching: stages need not be thread-safe.
+        async with self._one_at_a_time:
+            return await off_loop(self.chain, batch, timeout_s=self.timeout_s)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
     async def _batched(self, batches: list[pd.DataFrame]) -> list[pd.DataFrame]:
         if len(batches) == 1:
-            return [self.chain(batches[0])]
+            return [await off_loop(self.chain, batches[0], timeout_s=self.timeout_s)]
         sizes = [len(b) for b in batches]
-        merged = self.chain(pd.concat(batches, ignore_index=True))
+        merged = await off_loop(
+            self.chain, pd.concat(batches, ignore_index=True), timeout_s=self.timeout_s
+        )
         bounds = np.cumsum([0, *sizes])
         return [
             merged.iloc[bounds[i] : bounds[i + 1]].set_axis(batches[i].index)

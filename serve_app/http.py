@@ -5,6 +5,7 @@ Kept apart from the composition logic so each piece is small and testable.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -134,16 +135,22 @@ def presented_key(scope: Scope) -> str | None:
 
 
 class GuardMiddleware:
-    """Request id, API key and body size, before FastAPI reads anything.
+    """Request id, API key, body size and body deadline, before FastAPI reads anything.
 
     A body over the limit is refused from its Content-Length, or as soon as
-    the streamed bytes pass the limit, never after buffering all of it.
+    the streamed bytes pass the limit, never after buffering all of it. A body
+    still arriving ``body_timeout_s`` after the request started is a 408: a
+    client that trickles its body (by accident or on purpose) does not hold a
+    request slot of the replica for longer than that.
     """
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, api_key: ApiKey) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_body_bytes: int, api_key: ApiKey, body_timeout_s: float
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.api_key = api_key
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -165,14 +172,23 @@ class GuardMiddleware:
             await error_response(self._too_large(), rid)(scope, receive, send)
             return
         seen = 0
+        complete = False
+        deadline = asyncio.get_running_loop().time() + self.body_timeout_s
 
         async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete:  # the body is in: what follows (a disconnect) may take its time
+                return await receive()
+            left = deadline - asyncio.get_running_loop().time()
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(left, 0.0))
+            except asyncio.TimeoutError:
+                raise _BodyTimeoutError from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_body_bytes:
                     raise _BodyTooLargeError
+                complete = not message.get("more_body", False)
             return message
 
         started = False
@@ -187,6 +203,9 @@ class GuardMiddleware:
         except _BodyTooLargeError:
             if not started:
                 await error_response(self._too_large(), rid)(scope, receive, send)
+        except _BodyTimeoutError:
+            if not started:
+                await error_response(self._too_slow(), rid)(scope, receive, send)
 
     def _too_large(self) -> ApiError:
         return ApiError(
@@ -195,8 +214,21 @@ class GuardMiddleware:
             f"request body is over {self.max_body_bytes} bytes: send fewer records per request",
         )
 
+    def _too_slow(self) -> ApiError:
+        return ApiError(
+            408,
+            "request_timeout",
+            f"the request body did not arrive within {self.body_timeout_s:g} s; send it "
+            "at once, and retry",
+            headers={"Connection": "close"},
+        )
+
 
 class _BodyTooLargeError(Exception):
+    pass
+
+
+class _BodyTimeoutError(Exception):
     pass
 
 

@@ -12,7 +12,9 @@ being awaited in between.
 
 import asyncio
 import logging
-from collections.abc import Sequence
+import math
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -23,12 +25,17 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from ray import serve
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    RayServeException,
+)
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import _loopback as loopback
-from serve_app.deployment import MeteredChain, freeze_heap, set_batching
+from serve_app.deployment import MeteredChain, freeze_heap, off_loop, set_batching
 from serve_app.http import (
     ApiError,
     ApiKey,
@@ -132,6 +139,7 @@ def make_api(spec: PipelineSpec, api_key: ApiKey) -> FastAPI:
         GuardMiddleware,
         max_body_bytes=spec.serve.max_body_bytes,
         api_key=api_key,
+        body_timeout_s=spec.serve.request_timeout_s,
     )
 
     def openapi() -> dict[str, Any]:
@@ -160,6 +168,32 @@ def body_schema(spec: PipelineSpec) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
 
 
+def replica_died(error: BaseException) -> bool:
+    """Whether ``error`` is a stage replica's death: Ray's own error, or Serve's error
+    for a call whose input came from a replica that died (a chained response)."""
+    return isinstance(error, RayActorError) or isinstance(error.__cause__, RayActorError)
+
+
+class InlineRun:
+    """Stages that run in the ingress replica back to back: one call in a worker thread
+    (:func:`~serve_app.deployment.off_loop`). Between stages it checks whether the
+    request was abandoned (its deadline passed): no stage after that one runs."""
+
+    def __init__(self, chains: list[Callable[[pd.DataFrame], pd.DataFrame]]) -> None:
+        self.chains = chains
+
+    def __call__(self, frame: pd.DataFrame, abandoned: threading.Event) -> pd.DataFrame:
+        for chain in self.chains:
+            if abandoned.is_set():
+                raise _AbandonedError
+            frame = chain(frame)
+        return frame
+
+
+class _AbandonedError(Exception):
+    """Raised in a worker thread nobody waits for any more; never seen by a client."""
+
+
 def make_ingress(spec: PipelineSpec, home: str, api_key: ApiKey) -> Any:
     """The ingress deployment class for ``spec`` (bind it with the stage handles)."""
     app = make_api(spec, api_key)
@@ -186,6 +220,20 @@ def make_ingress(spec: PipelineSpec, home: str, api_key: ApiKey) -> Any:
                     self.plan += [(s, MeteredChain(spec, [name], home)) for name in s.stages]
                 else:
                     self.plan.append((s, next(remote)))
+            # What a batch goes through: inline stages (validation first) grouped into
+            # runs between the stage deployments.
+            self.steps: list[InlineRun | DeploymentHandle[Any]] = [InlineRun([self.validate])]
+            for _s, runner in self.plan:
+                if not isinstance(runner, MeteredChain):
+                    self.steps.append(runner)
+                elif isinstance(self.steps[-1], InlineRun):
+                    self.steps[-1].chains.append(runner)
+                else:
+                    self.steps.append(InlineRun([runner]))
+            # One inline run at a time, as when they ran on the event loop: stages need
+            # not be thread-safe. (A run abandoned at its deadline may still be finishing.)
+            self._inline = asyncio.Lock()
+            self.app_status = AppStatus()
             self.timeout_s = spec.serve.request_timeout_s
             self.batching = spec.serve.ingress.batch
             if self.batching is not None:
@@ -240,9 +288,11 @@ def make_ingress(spec: PipelineSpec, home: str, api_key: ApiKey) -> Any:
         async def run(self, frame: pd.DataFrame) -> pd.DataFrame:
             """The frame through every stage, within the deadline (else 504)."""
             issued: list[Response] = []
+            abandoned = threading.Event()
             try:
-                return await asyncio.wait_for(self._chain(frame, issued), self.timeout_s)
+                return await asyncio.wait_for(self._chain(frame, issued, abandoned), self.timeout_s)
             except asyncio.TimeoutError:
+                abandoned.set()  # inline: the stages after the running one never start
                 for response in issued:
                     response.cancel()  # type: ignore[no-untyped-call]  # downstream stops too
                 raise ApiError(
@@ -254,22 +304,30 @@ def make_ingress(spec: PipelineSpec, home: str, api_key: ApiKey) -> Any:
                 raise self._unavailable("the service is at capacity") from None
             except DeploymentUnavailableError:
                 raise self._unavailable("a pipeline stage is not available yet") from None
+            except (RayActorError, RayServeException) as e:
+                if not replica_died(e):
+                    raise
+                # A stage replica died with this batch on it (killed, OOM, node lost): Serve
+                # replaces it, and a retry goes to another replica. Not the client's fault.
+                log.warning("a stage replica died under this batch: %s", e)
+                raise self._unavailable("a pipeline stage replica failed") from None
             except StoreUnavailableError as e:
                 raise self._unavailable(f"the feature store is unavailable: {e}") from None
 
-        async def _chain(self, frame: pd.DataFrame, issued: list[Response]) -> pd.DataFrame:
-            current: pd.DataFrame = self.validate(frame)
+        async def _chain(
+            self, frame: pd.DataFrame, issued: list[Response], abandoned: threading.Event
+        ) -> pd.DataFrame:
+            current = frame
             pending: Response | None = None
-            for _segment, runner in self.plan:
-                if isinstance(runner, MeteredChain):
+            for step in self.steps:
+                if isinstance(step, InlineRun):
                     if pending is not None:
                         current, pending = await pending, None
-                    current = runner(current)
+                    async with self._inline:
+                        current = await off_loop(step, current, abandoned)
                 else:
                     # Not awaited: Serve hands the result straight to the next deployment.
-                    response = cast(
-                        Response, runner.remote(current if pending is None else pending)
-                    )
+                    response = cast(Response, step.remote(current if pending is None else pending))
                     issued.append(response)
                     pending = response
             if pending is not None:
@@ -345,6 +403,13 @@ def make_ingress(spec: PipelineSpec, home: str, api_key: ApiKey) -> Any:
                     422, "invalid_request", f"inputs differ in length: {sorted(lengths)}"
                 )
             n = lengths.pop()
+            requested = payload.get("outputs") or []
+            if not isinstance(requested, list) or not all(
+                isinstance(o, dict) and isinstance(o.get("name"), str) for o in requested
+            ):
+                raise ApiError(
+                    422, "invalid_request", 'outputs must be a list of {"name": "<output name>"}'
+                )
             rows = [{k: v[i] for k, v in columns.items()} for i in range(n)]
             try:
                 parsed = body_model.model_validate({"records": rows})
@@ -363,7 +428,7 @@ def make_ingress(spec: PipelineSpec, home: str, api_key: ApiKey) -> Any:
             ]
             if details:
                 raise ApiError(422, "rejected", "some inputs could not be scored", details=details)
-            wanted = {o.get("name") for o in payload.get("outputs") or [] if isinstance(o, dict)}
+            wanted = {str(o["name"]) for o in requested}
             outputs: list[dict[str, Any]] = [
                 {"name": id_field, "datatype": "BYTES", "data": [str(r[id_field]) for r in scored]},
                 {"name": "score", "datatype": "FP64", "data": [float(r["score"]) for r in scored]},
@@ -408,7 +473,7 @@ def make_ingress(spec: PipelineSpec, home: str, api_key: ApiKey) -> Any:
         @app.get("/v2/models/{name}/ready", summary="Open Inference Protocol (V2) model ready")
         async def model_ready(self, name: str) -> dict[str, Any]:
             self._check_model(name)
-            return await self.readyz()
+            return await self.v2_ready()
 
         def _check_model(self, name: str) -> None:
             if name != self.spec.name:
@@ -422,15 +487,27 @@ def make_ingress(spec: PipelineSpec, home: str, api_key: ApiKey) -> Any:
             return {"live": True}
 
         @app.get("/readyz", summary="Readiness: every stage loaded and answering")
-        @app.get("/v2/health/ready", summary="Open Inference Protocol (V2) readiness")
         async def readyz(self) -> dict[str, Any]:
+            """Ready when every stage this replica uses answers. ``app`` is Serve's view
+            of the whole application: a rollout whose new replicas fail to start shows
+            there (``DEPLOY_FAILED``, with the stage's error) while this version keeps
+            serving, so the probe stays 200: a load balancer must not drop the replicas
+            that still work."""
+            await self._ready()
+            return {"ready": True, "app": await self.app_status.get()}
+
+        @app.get("/v2/health/ready", summary="Open Inference Protocol (V2) readiness")
+        async def v2_ready(self) -> dict[str, Any]:
+            await self._ready()
+            return {"ready": True}
+
+        async def _ready(self) -> None:
             try:
                 await self._statuses()
             except Exception as e:  # any failure to answer means not ready
                 raise ApiError(
                     503, "not_ready", f"not every stage is ready: {e}", headers={"Retry-After": "1"}
                 ) from None
-            return {"ready": True}
 
         @app.get("/models", summary="Models served, their versions and the request schema")
         async def models(self) -> dict[str, Any]:
@@ -462,6 +539,62 @@ def make_ingress(spec: PipelineSpec, home: str, api_key: ApiKey) -> Any:
             ]
 
     return Ingress
+
+
+class AppStatus:
+    """Serve's status of the application this replica belongs to, for ``/readyz``:
+    ``{"name", "status"}``, plus ``deployments`` (status and error) for those that are
+    not healthy.
+
+    A probe never waits on Serve's controller (a slow controller must not make a
+    serving replica look unready): it gets the last status fetched, and a fetch older
+    than ``max_age_s`` starts a new one in the background. Only the first probe waits,
+    at most ``first_wait_s``."""
+
+    def __init__(self, max_age_s: float = 1.0, first_wait_s: float = 5.0) -> None:
+        self.max_age_s = max_age_s
+        self.first_wait_s = first_wait_s
+        self._last: dict[str, Any] | None = None
+        self._fetched = -math.inf
+        self._fetching: asyncio.Task[None] | None = None
+
+    async def get(self) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        if self._fetching is None and loop.time() - self._fetched > self.max_age_s:
+            self._fetching = asyncio.create_task(self._fetch())
+        if self._last is None and self._fetching is not None:
+            await asyncio.wait({self._fetching}, timeout=self.first_wait_s)
+        return self._last or {"name": _app_name(), "status": "UNKNOWN"}
+
+    async def _fetch(self) -> None:
+        name = _app_name()
+        try:
+            # serve.status() is a blocking call to the controller: off the event loop.
+            app = (await asyncio.to_thread(serve.status)).applications[name]
+            status: dict[str, Any] = {"name": name, "status": str(app.status.value)}
+            unhealthy = {
+                deployment: {"status": str(d.status.value), "message": _error_line(d.message)}
+                for deployment, d in app.deployments.items()
+                if d.status != "HEALTHY"
+            }
+            if unhealthy:
+                status["deployments"] = unhealthy
+        except Exception as e:  # the probe answers even when the controller does not
+            status = {"name": name, "status": "UNKNOWN", "message": f"no status: {e!r}"}
+        finally:
+            self._fetched = asyncio.get_running_loop().time()
+            self._fetching = None
+        self._last = status
+
+
+def _app_name() -> str:
+    return serve.get_replica_context().app_name
+
+
+def _error_line(message: str) -> str:
+    """The error in one of Serve's status messages (they end with a whole traceback)."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    return lines[-1][:500] if lines else ""
 
 
 def _flatten(data: list[Any]) -> list[Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -255,6 +256,29 @@ def listening(pids: list[int]) -> list[tuple[str, int, int]]:
                 address, port = fields[1].split(":")
                 found.append((_address(address), int(port, 16), owner[fields[9]]))
     return sorted(found)
+
+
+def process_name(pid: int) -> str:
+    """What a process is, for listings: ``gcs_server``, ``raylet``, ``ray::ServeReplica``
+    (Ray titles a worker process after the actor it runs), a Python process's script or
+    module (``log_monitor.py``, ``pytest``), else its program's name."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes().decode("utf-8", "replace")
+    except OSError:
+        return "?"
+    argv = [a for a in raw.split("\0") if a]
+    if len(argv) == 1:  # a title set over the whole command line
+        argv = argv[0].split()
+    if not argv:
+        return "?"
+    if argv[0].startswith("ray::"):
+        return "ray::" + re.split(r"[:(.]", argv[0][5:], maxsplit=1)[0]
+    program = Path(argv[0]).name
+    if program.startswith("python"):
+        if "-m" in argv[1:-1]:
+            return argv[argv.index("-m") + 1]
+        return next((Path(a).name for a in argv[1:] if a.endswith(".py")), program)
+    return program
 
 
 def _address(hex_address: str) -> str:

@@ -363,7 +363,8 @@ class ServeAppSpec(_Config):
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     """Largest request body accepted; larger is a 413."""
     request_timeout_s: float = Field(default=5.0, gt=0)
-    """Deadline of one request through every stage; past it the client gets a 504."""
+    """Deadline of one request through every stage; past it the client gets a 504. A
+    request body still arriving after this long is a 408 (a slow client holds nothing)."""
     ingress: IngressSpec = IngressSpec()
     access_log: bool = False
     """Ray Serve's access log line per request and stage. Off by default: at a thousand

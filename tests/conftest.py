@@ -10,6 +10,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import pytest
@@ -18,6 +19,9 @@ from stageline import Pipeline
 from stageline.demo.train import DemoResult, build_demo
 from stageline.localray import free_port as free_port  # re-exported for the tests
 from stageline.spec import PipelineSpec, load_spec
+
+if TYPE_CHECKING:
+    from tests.multinode import Cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAUD_SPEC = ROOT / "pipelines" / "fraud.yaml"
@@ -204,6 +208,24 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         if server.process is not None:
             server.resume()
         server.stop()
+
+
+# --------------------------------------------------------------------------- several nodes
+
+
+@pytest.fixture
+def multinode(
+    request: pytest.FixtureRequest,
+    demo: DemoResult,
+    redis_server: RedisServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Cluster]:
+    """A two-node Ray on this machine (tests/multinode.py): one per session, started by
+    its first user and stopped after its last."""
+    from tests.multinode import done_with_cluster, shared_cluster
+
+    yield shared_cluster(request, demo, redis_server, tmp_path_factory)
+    done_with_cluster(request)
 
 
 def redis_spec(spec: PipelineSpec, url: str, **options: object) -> PipelineSpec:

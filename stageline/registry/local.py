@@ -51,6 +51,11 @@ _LOCK_FILE = ".aliases.lock"
 _TMP_PREFIX = ".tmp-"
 _FORMATS: tuple[ModelFormat, ...] = ("ubj", "json")
 
+MAX_MODEL_BYTES_ENV = "STAGELINE_MAX_MODEL_BYTES"
+DEFAULT_MAX_MODEL_BYTES = 512 * 2**20
+"""Largest model file loaded or registered (``$STAGELINE_MAX_MODEL_BYTES`` overrides it).
+A file is loaded into memory whole; one past this is refused before a byte is read."""
+
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 # Starting with a letter keeps aliases apart from version numbers ("3").
 _ALIAS_RE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
@@ -161,10 +166,15 @@ class LocalRegistry:
     """Versioned XGBoost models with aliases, stored under one directory.
 
     Construction does no I/O; the root is created by the first register.
+    ``max_model_bytes``: the largest model file it loads or registers (default
+    ``$STAGELINE_MAX_MODEL_BYTES``, else :data:`DEFAULT_MAX_MODEL_BYTES`).
     """
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, max_model_bytes: int | None = None) -> None:
         self.root = Path(root)
+        if max_model_bytes is None:
+            max_model_bytes = int(os.environ.get(MAX_MODEL_BYTES_ENV) or DEFAULT_MAX_MODEL_BYTES)
+        self.max_model_bytes = max_model_bytes
 
     def __repr__(self) -> str:
         return f"LocalRegistry({str(self.root)!r})"
@@ -206,6 +216,12 @@ class LocalRegistry:
 
         booster.feature_names = list(features)
         raw = bytes(booster.save_raw(raw_format=format))
+        if len(raw) > self.max_model_bytes:
+            raise RegistryError(
+                f"register({name!r}): the model is {len(raw)} bytes, over the "
+                f"{self.max_model_bytes}-byte limit on model files; raise "
+                f"${MAX_MODEL_BYTES_ENV} where it is registered and served"
+            )
         try:
             # Validated and serialized before a version is claimed, so bad metadata
             # (e.g. a numpy array in params) leaves no trace in the registry.
@@ -344,6 +360,12 @@ class LocalRegistry:
                     raise ModelIntegrityError(
                         f"{path} ({where}) is {size} bytes but its {METADATA_FILE} records "
                         f"{meta.size_bytes}; the file was truncated or replaced - {reregister}"
+                    )
+                if size > self.max_model_bytes:
+                    raise ModelIntegrityError(
+                        f"{path} ({where}) is {size} bytes, over the {self.max_model_bytes}-byte "
+                        f"limit on model files, and was not read; if the model is genuine, "
+                        f"raise ${MAX_MODEL_BYTES_ENV}"
                     )
                 # One byte more than expected tells us if the file grew since fstat.
                 raw = f.read(meta.size_bytes + 1)

@@ -12,7 +12,7 @@ import xgboost as xgb
 
 from stageline.context import StageContext
 from stageline.registry import LoadedModel, RegistryError
-from stageline.stage import BaseStage
+from stageline.stage import BaseStage, mark_errors
 from stageline.stages.transform import apply_encoders, encoder_outputs
 
 log = logging.getLogger(__name__)
@@ -115,20 +115,43 @@ class XGBoostPredictor(BaseStage):
         """The model's feature matrix for ``batch``, in the order the model was trained on."""
         meta = (loaded or self.loaded).metadata
         frame = apply_encoders(batch, meta.encoders) if meta.encoders else batch
-        return frame[list(meta.features)].to_numpy(dtype=np.float32, na_value=np.nan)
+        with np.errstate(over="ignore"):  # too large for float32 is inf: process() marks it
+            return frame[list(meta.features)].to_numpy(dtype=np.float32, na_value=np.nan)
 
     def process(self, batch: pd.DataFrame) -> pd.DataFrame:
         loaded = self.loaded  # one version for the whole batch, even mid-reload
         meta = loaded.metadata
         matrix = self.features(batch, loaded)
-        scores = loaded.booster.inplace_predict(matrix, validate_features=False)
+        # NaN is XGBoost's missing value, but an infinite feature (a corrupt upstream
+        # value, or one too large for the model's float32) makes XGBoost refuse the whole
+        # batch: such a row is marked bad and the others are scored.
+        infinite = np.isinf(matrix)
+        bad = infinite.any(axis=1)
+        good = matrix[~bad] if bad.any() else matrix
+        scores = np.full(len(batch), np.nan)
+        if len(good):
+            predicted = loaded.booster.inplace_predict(good, validate_features=False)
+            scores[~bad] = np.asarray(predicted, dtype=np.float64)
         out = batch.copy()
-        out[self.output] = np.asarray(scores, dtype=np.float64)
+        out[self.output] = scores
         out[f"{self.output}_threshold"] = meta.threshold
         out[f"{self.output}_model"] = meta.name
         out[f"{self.output}_version"] = meta.version
         if self.reasons:
-            out[f"{self.output}_reasons"] = self._top_reasons(loaded, matrix)
+            top = self._top_reasons(loaded, good) if len(good) else []
+            if bad.any():
+                reasons: list[list[str] | None] = [None] * len(batch)
+                for i, row in zip(np.flatnonzero(~bad), top, strict=True):
+                    reasons[i] = row
+                out[f"{self.output}_reasons"] = pd.Series(reasons, index=out.index, dtype=object)
+            else:
+                out[f"{self.output}_reasons"] = top
+        if bad.any():
+            names = np.array(meta.features, dtype=object)
+            why = np.full(len(batch), "", dtype=object)
+            for i in np.flatnonzero(bad):
+                why[i] = f"{', '.join(names[infinite[i]])}: not a finite number"
+            mark_errors(out, bad, self.name, why)
         return out
 
     def _top_reasons(self, loaded: LoadedModel, matrix: np.ndarray[Any, Any]) -> list[list[str]]:

@@ -84,7 +84,8 @@ class OnDemandTransform(BaseStage):
         return self.transform.provides
 
     def process(self, batch: pd.DataFrame) -> pd.DataFrame:
-        new = self.transform(batch)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # marked below
+            new = self.transform(batch)
         out = batch.copy()
         for col in new.columns:
             out[col] = new[col].to_numpy()

@@ -41,6 +41,7 @@ from tests.integration.serve_helpers import (
     replica_ids,
     wait_for,
 )
+from tests.model_files import flip_a_byte, model_file
 
 pytestmark = pytest.mark.integration
 
@@ -305,13 +306,6 @@ def register_another_model(registry: LocalRegistry) -> int:
     return meta.version
 
 
-def tamper(path: Path) -> None:
-    """Flip one byte in the middle of ``path``; its size stays."""
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
 @pytest.mark.parametrize("placement", ["per-stage", "inline"])
 def test_model_swaps_in_place_under_load_and_a_tampered_version_is_refused(
     serve_base: str, demo_home: Path, tmp_path: Path, good_record: Json, placement: str
@@ -324,8 +318,8 @@ def test_model_swaps_in_place_under_load_and_a_tampered_version_is_refused(
     registry = LocalRegistry(home / "models")
     assert register_another_model(registry) == 2
     assert register_another_model(registry) == 3
-    v3_file = home / "models" / "fraud" / "3" / registry.resolve("fraud", 3).file
-    tamper(v3_file)
+    v3_file = model_file(registry, 3)
+    flip_a_byte(registry, 3)
 
     name = f"hot-swap-{placement}"
     spec = fraud_variant(tmp_path / "spec", serve=PLACEMENTS[placement][0])

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import pickle
+import resource
 import subprocess
 import sys
 from collections.abc import Callable
@@ -24,6 +25,14 @@ from stageline.registry import (
     ModelNotFoundError,
     RegistryError,
     parse_model_ref,
+)
+from stageline.registry.local import DEFAULT_MAX_MODEL_BYTES, MAX_MODEL_BYTES_ENV
+from tests.model_files import (
+    flip_a_byte,
+    huge_sparse_file,
+    model_file,
+    replace_model_bytes,
+    truncate,
 )
 
 FEATURES = ("amount", "age", "score")
@@ -64,19 +73,6 @@ def two_versions(registry: LocalRegistry) -> tuple[xgboost.Booster, xgboost.Boos
     return first, second
 
 
-def _model_file(registry: LocalRegistry, version: int = 1) -> Path:
-    return registry.root / "fraud" / str(version) / "model.ubj"
-
-
-def _replace_model_bytes(registry: LocalRegistry, data: bytes) -> None:
-    """Overwrite fraud@1's model file and make its metadata agree with the new bytes."""
-    _model_file(registry).write_bytes(data)
-    meta_path = registry.root / "fraud" / "1" / "metadata.json"
-    meta = json.loads(meta_path.read_text())
-    meta.update(sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data))
-    meta_path.write_text(json.dumps(meta))
-
-
 # -- register, versions, metadata ------------------------------------------
 
 
@@ -111,7 +107,7 @@ def test_metadata_round_trips_through_disk(
     )
 
     stored = registry.resolve("fraud", 1)
-    raw = _model_file(registry).read_bytes()
+    raw = model_file(registry).read_bytes()
 
     assert stored == registered
     assert stored.features == FEATURES
@@ -290,51 +286,39 @@ def test_alias_pointing_at_a_deleted_version_says_how_to_repoint(registry: Local
 # -- refusals on load ------------------------------------------------------
 
 
-def _flip_a_byte(registry: LocalRegistry) -> None:
-    path = _model_file(registry)
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
-def _truncate(registry: LocalRegistry) -> None:
-    path = _model_file(registry)
-    path.write_bytes(path.read_bytes()[:-10])
-
-
-def _huge_sparse_file(registry: LocalRegistry) -> None:
-    with open(_model_file(registry), "r+b") as f:
-        f.truncate(1 << 30)  # sparse: 1 GiB apparent size, no real disk use
-
-
 TAMPERING: list[tuple[str, Callable[[LocalRegistry], None], str]] = [
-    ("flipped byte", _flip_a_byte, "has sha256 .* but its metadata.json records"),
-    ("truncated", _truncate, "bytes but its metadata.json records"),
-    ("huge sparse file", _huge_sparse_file, "is 1073741824 bytes but"),
-    ("missing", lambda r: _model_file(r).unlink(), "is missing"),
+    ("flipped byte", flip_a_byte, "has sha256 .* but its metadata.json records"),
+    ("truncated", truncate, "bytes but its metadata.json records"),
+    ("huge sparse file", huge_sparse_file, "is 1073741824 bytes but"),
+    (
+        "huge sparse file its metadata claims",
+        lambda r: huge_sparse_file(r, claimed=True),
+        "is 1073741824 bytes, over the 536870912-byte limit on model files, and was not read",
+    ),
+    ("missing", lambda r: model_file(r).unlink(), "is missing"),
     (
         "pickle protocol 5",
-        lambda r: _replace_model_bytes(r, pickle.dumps({"booster": [1, 2]}, protocol=5)),
+        lambda r: replace_model_bytes(r, pickle.dumps({"booster": [1, 2]}, protocol=5)),
         r'never loads pickle.*booster\.save_model\("model\.ubj"\)',
     ),
     (
         "pickle protocol 0",
-        lambda r: _replace_model_bytes(r, pickle.dumps({"booster": [1, 2]}, protocol=0)),
+        lambda r: replace_model_bytes(r, pickle.dumps({"booster": [1, 2]}, protocol=0)),
         "never loads pickle",
     ),
     (
         "json that is not a model",
-        lambda r: _replace_model_bytes(r, b'{"hello": 1}'),
+        lambda r: replace_model_bytes(r, b'{"hello": 1}'),
         "XGBoost cannot load",
     ),
     (
         "random bytes after {",
-        lambda r: _replace_model_bytes(r, b"{" + np.random.default_rng(0).bytes(300)),
+        lambda r: replace_model_bytes(r, b"{" + np.random.default_rng(0).bytes(300)),
         "XGBoost cannot load",
     ),
     (
         "zip archive",
-        lambda r: _replace_model_bytes(r, b"PK\x03\x04" + bytes(100)),
+        lambda r: replace_model_bytes(r, b"PK\x03\x04" + bytes(100)),
         "not an XGBoost JSON/UBJSON model",
     ),
 ]
@@ -354,8 +338,38 @@ def test_load_refuses_a_tampered_model_file_naming_it(
 
     with pytest.raises(ModelIntegrityError, match=message) as caught:
         registry.load("fraud")
-    assert str(_model_file(registry)) in str(caught.value)
+    assert str(model_file(registry)) in str(caught.value)
     assert "fraud@1" in str(caught.value)
+
+
+def test_a_model_file_over_the_size_limit_is_refused_without_reading_it(
+    registry: LocalRegistry, booster: xgboost.Booster
+) -> None:
+    """1 GiB that its metadata vouches for: refused on its size, before a byte is read
+    (this process's peak memory does not grow by the file's size)."""
+    registry.register("fraud", booster, features=FEATURES, aliases=["champion"])
+    huge_sparse_file(registry, claimed=True)
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+
+    with pytest.raises(ModelIntegrityError, match="over the 536870912-byte limit"):
+        registry.load("fraud")
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024
+    assert grown_mib < 100, f"loading grew the peak memory by {grown_mib:.0f} MiB"
+
+
+def test_the_size_limit_is_configurable_and_guards_register(
+    tmp_path: Path, booster: xgboost.Booster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert LocalRegistry(tmp_path).max_model_bytes == DEFAULT_MAX_MODEL_BYTES
+    monkeypatch.setenv(MAX_MODEL_BYTES_ENV, "1000")
+    small = LocalRegistry(tmp_path / "small")
+    assert small.max_model_bytes == 1000
+
+    with pytest.raises(RegistryError, match=r"over the 1000-byte limit.*STAGELINE_MAX_MODEL_BYTES"):
+        small.register("fraud", booster, features=FEATURES)
+    assert not (small.root / "fraud").exists()
+    roomy = LocalRegistry(tmp_path / "roomy", max_model_bytes=10**7)
+    assert roomy.register("fraud", booster, features=FEATURES).version == 1
 
 
 @pytest.mark.parametrize(
@@ -393,7 +407,7 @@ def test_load_refuses_features_that_differ_from_the_metadata(
 
     with pytest.raises(ModelIntegrityError, match="has feature names") as caught:
         registry.load("fraud", 1)
-    assert str(_model_file(registry)) in str(caught.value)
+    assert str(model_file(registry)) in str(caught.value)
 
 
 def test_corrupt_aliases_file_is_named(registry: LocalRegistry, booster: xgboost.Booster) -> None:
