@@ -210,6 +210,26 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         server.stop()
 
 
+# --------------------------------------------------------------------------- fault figures
+
+_FIGURES: list[tuple[str, str]] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Keep what each fault test printed (its load, fault and figures) for the summary."""
+    if report.when == "call" and "faults" in report.keywords and report.capstdout.strip():
+        _FIGURES.append((report.nodeid, report.capstdout.strip()))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """After a run, the figures every fault test printed, passed or not: CI's log
+    then holds the measurements, not only the verdicts."""
+    if _FIGURES:
+        terminalreporter.section("fault figures")
+        for nodeid, text in _FIGURES:
+            terminalreporter.write_line(f"{nodeid}: {text}")
+
+
 # --------------------------------------------------------------------------- several nodes
 
 
