@@ -1,6 +1,6 @@
 """One generic Ray Serve deployment that runs any segment of stages.
 
-Concurrent requests' DataFrames are merged by ``@serve.batch``, the stages
+Concurrent requests' DataFrames are merged (:class:`~serve_app.batching.Merger`), the stages
 run once on the merged frame, and the result is split back per request.
 Nothing about a stage is rewritten for Serve: the replica holds a
 :class:`stageline.pipeline.StageChain`, exactly what runs in process.
@@ -23,6 +23,7 @@ from ray import serve
 from ray.serve import metrics
 
 from serve_app import _loopback as loopback
+from serve_app.batching import Merger
 from stageline.pipeline import StageChain
 from stageline.spec import PipelineSpec
 from stageline.stage import error_mask
@@ -53,14 +54,6 @@ async def off_loop(
     thread, so the call finishes on its own, but nothing waits for it or uses its
     result, and the next batch runs beside it."""
     return await asyncio.wait_for(asyncio.to_thread(run, *args), timeout_s)
-
-
-def set_batching(batched: Any, max_size: int | None, wait_ms: float | None) -> None:
-    """Change a ``@serve.batch`` method's batch size and wait (None: leave as is)."""
-    if max_size is not None:
-        batched.set_max_batch_size(int(max_size))  # serve.batch adds these at run time
-    if wait_ms is not None:
-        batched.set_batch_wait_timeout_s(float(wait_ms) / 1000)
 
 
 class _Metrics:
@@ -156,21 +149,19 @@ class StageDeployment:
         self.timeout_s = spec.serve.request_timeout_s
         self._one_at_a_time = asyncio.Lock()
         batching = spec.stage(stages[0]).serve.batch
-        self.batching = batching is not None
+        self.merger: Merger[pd.DataFrame, pd.DataFrame] | None = None
         if batching is not None:
-            self._set_batching(batching.max_size, batching.wait_ms)
+            self.merger = Merger(self._merged, max_size=batching.max_size, wait_ms=batching.wait_ms)
         freeze_heap()
 
     async def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        if self.batching:
-            result: pd.DataFrame = await self._batched(batch)
-            return result
+        if self.merger is not None:
+            return await self.merger(batch)
         # One call at a time, as with batching: stages need not be thread-safe.
         async with self._one_at_a_time:
             return await off_loop(self.chain, batch, timeout_s=self.timeout_s)
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
-    async def _batched(self, batches: list[pd.DataFrame]) -> list[pd.DataFrame]:
+    async def _merged(self, batches: list[pd.DataFrame]) -> list[pd.DataFrame]:
         if len(batches) == 1:
             return [await off_loop(self.chain, batches[0], timeout_s=self.timeout_s)]
         sizes = [len(b) for b in batches]
@@ -188,11 +179,9 @@ class StageDeployment:
         params (``{"model": {"alias": "challenger"}}``) and batching overrides
         (``{"batch": {"max_size": 32, "wait_ms": 1}}``)."""
         batching = user_config.get("batch") or {}
-        self._set_batching(batching.get("max_size"), batching.get("wait_ms"))
+        if self.merger is not None:
+            self.merger.configure(batching.get("max_size"), batching.get("wait_ms"))
         self.chain.reconfigure(user_config)
-
-    def _set_batching(self, max_size: int | None, wait_ms: float | None) -> None:
-        set_batching(self._batched, max_size, wait_ms)
 
     def status(self) -> dict[str, Any]:
         """Stages, what they serve, and the recent batch sizes this replica saw."""

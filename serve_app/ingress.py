@@ -35,7 +35,8 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import _loopback as loopback
-from serve_app.deployment import MeteredChain, freeze_heap, off_loop, set_batching
+from serve_app.batching import Merger
+from serve_app.deployment import MeteredChain, freeze_heap, off_loop
 from serve_app.http import (
     ApiError,
     ApiKey,
@@ -202,8 +203,8 @@ def make_ingress(spec: PipelineSpec, home: str, api_key: ApiKey) -> Any:
     segments = spec.segments()
     id_field = spec.request.id_field
     # Batches in flight at once: one per stage deployment, so that every remote stage
-    # has work while the others do theirs. With every stage inline, one: the stages run
-    # on this replica's event loop, and a second batch would only split the first.
+    # has work while the others do theirs. With every stage inline, one: inline stages
+    # run one batch at a time, and a second batch would only split the first.
     in_flight = max(1, sum(not s.inline for s in segments))
 
     @serve.ingress(app)
@@ -235,9 +236,15 @@ def make_ingress(spec: PipelineSpec, home: str, api_key: ApiKey) -> Any:
             self._inline = asyncio.Lock()
             self.app_status = AppStatus()
             self.timeout_s = spec.serve.request_timeout_s
-            self.batching = spec.serve.ingress.batch
-            if self.batching is not None:
-                self._set_batching(self.batching.max_size, self.batching.wait_ms)
+            batching = spec.serve.ingress.batch
+            self.merger: Merger[list[dict[str, Any]], list[dict[str, Any]]] | None = None
+            if batching is not None:
+                self.merger = Merger(
+                    self._score_all,
+                    max_size=batching.max_size,
+                    wait_ms=batching.wait_ms,
+                    in_flight=in_flight,
+                )
             api_key.load()
             freeze_heap()
 
@@ -245,32 +252,22 @@ def make_ingress(spec: PipelineSpec, home: str, api_key: ApiKey) -> Any:
             """Model references for the stages placed inline (see ``build_app``) and
             batching overrides (``{"batch": {"max_size": 32, "wait_ms": 1}}``)."""
             batching = user_config.get("batch") or {}
-            if self.batching is not None:
-                self._set_batching(batching.get("max_size"), batching.get("wait_ms"))
+            if self.merger is not None:
+                self.merger.configure(batching.get("max_size"), batching.get("wait_ms"))
             for _segment, runner in self.plan:
                 if isinstance(runner, MeteredChain):
                     runner.reconfigure(user_config)
-
-        def _set_batching(self, max_size: int | None, wait_ms: float | None) -> None:
-            set_batching(self._batched, max_size, wait_ms)
 
         # -- scoring -----------------------------------------------------------
 
         async def score(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             """One prediction per validated record (``records`` of ``predictions``).
 
-            Concurrent requests share one frame through every stage (``@serve.batch``):
+            Concurrent requests share one frame through every stage (:class:`Merger`):
             a stage behind a handle is called once per batch, not once per request."""
-            if self.batching is not None:
-                scored: list[dict[str, Any]] = await self._batched(rows)
-                return scored
+            if self.merger is not None:
+                return await self.merger(rows)
             return (await self._score_all([rows]))[0]
-
-        @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0, max_concurrent_batches=in_flight)
-        async def _batched(
-            self, requests: list[list[dict[str, Any]]]
-        ) -> list[list[dict[str, Any]]]:
-            return await self._score_all(requests)
 
         async def _score_all(
             self, requests: list[list[dict[str, Any]]]

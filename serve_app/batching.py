@@ -1,0 +1,107 @@
+"""Concurrent calls merged into batches, each formed when it can start.
+
+Ray Serve's ``@serve.batch`` forms a batch as soon as one request is queued and
+only then waits for a free slot (``max_concurrent_batches``). While a batch runs
+off the event loop, every request that arrives becomes a batch of its own, queued
+behind it: batches of one, and the stages' fixed cost paid per request (measured
+here: 175 requests/s instead of 750 at 32 clients). :class:`Merger` waits for a
+free slot first, then takes everything queued, up to ``max_size``: a batch is
+whatever arrived while the previous one ran, and a lone request runs at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Merger(Generic[T, R]):
+    """``await merger(item)``: ``run`` is called on a list of concurrent items and returns
+    one result per item, in order. At most ``in_flight`` runs at a time; a run waits up to
+    ``wait_ms`` for more items while it has fewer than ``max_size``.
+
+    An exception from ``run`` goes to every caller of that batch. A caller cancelled
+    before its batch formed is left out of it."""
+
+    def __init__(
+        self,
+        run: Callable[[list[T]], Awaitable[list[R]]],
+        *,
+        max_size: int,
+        wait_ms: float = 0.0,
+        in_flight: int = 1,
+    ) -> None:
+        self.run = run
+        self.max_size = max_size
+        self.wait_s = wait_ms / 1000
+        self.in_flight = in_flight
+        self._queue: deque[tuple[T, asyncio.Future[R]]] = deque()
+        self._arrived = asyncio.Event()
+        self._slots: asyncio.Semaphore | None = None
+        self._former: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
+
+    def configure(self, max_size: int | None = None, wait_ms: float | None = None) -> None:
+        """Change the batch size and wait (None: leave as is); the next batch uses them."""
+        if max_size is not None:
+            self.max_size = int(max_size)
+        if wait_ms is not None:
+            self.wait_s = float(wait_ms) / 1000
+
+    async def __call__(self, item: T) -> R:
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, future))
+        self._arrived.set()
+        if self._former is None or self._former.done():
+            self._former = asyncio.create_task(self._form())
+        return await future
+
+    async def _form(self) -> None:
+        self._slots = self._slots or asyncio.Semaphore(self.in_flight)
+        while True:
+            await self._slots.acquire()
+            while not self._live():
+                self._arrived.clear()
+                await self._arrived.wait()
+            if self.wait_s > 0 and len(self._queue) < self.max_size:
+                await asyncio.sleep(self.wait_s)
+            batch: list[tuple[T, asyncio.Future[R]]] = []
+            while self._queue and len(batch) < self.max_size:
+                item, future = self._queue.popleft()
+                if not future.done():  # a caller that gave up is not scored
+                    batch.append((item, future))
+            if not batch:
+                self._slots.release()
+                continue
+            task = asyncio.create_task(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    def _live(self) -> bool:
+        """Whether a caller still waits in the queue (cancelled ones are dropped)."""
+        while self._queue and self._queue[0][1].done():
+            self._queue.popleft()
+        return bool(self._queue)
+
+    async def _run(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        assert self._slots is not None
+        try:
+            results = await self.run([item for item, _ in batch])
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+        except asyncio.CancelledError:
+            for _, future in batch:
+                future.cancel()
+            raise
+        except Exception as e:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(e)
+        finally:
+            self._slots.release()

@@ -1,0 +1,121 @@
+"""Merger: concurrent calls merged into batches that form when they can start."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from serve_app.batching import Merger
+
+
+class Recorder:
+    """A batch function that records each batch and holds it until released."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.release = asyncio.Event()
+
+    async def __call__(self, items: list[int]) -> list[int]:
+        self.batches.append(list(items))
+        await self.release.wait()
+        return [i * 10 for i in items]
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def test_requests_that_arrive_while_a_batch_runs_form_the_next_batch_together() -> None:
+    async def main() -> None:
+        run = Recorder()
+        merger = Merger(run, max_size=64)
+        first = asyncio.create_task(merger(1))
+        await settle()
+        assert run.batches == [[1]]  # a lone request starts at once
+        later = [asyncio.create_task(merger(i)) for i in range(2, 7)]
+        await settle()
+        assert run.batches == [[1]]  # the others wait for the running batch
+        run.release.set()
+        assert await first == 10
+        assert await asyncio.gather(*later) == [20, 30, 40, 50, 60]
+        assert run.batches == [[1], [2, 3, 4, 5, 6]]  # one batch, not five of one
+
+    asyncio.run(main())
+
+
+def test_batches_respect_max_size_and_in_flight() -> None:
+    async def main() -> None:
+        run = Recorder()
+        merger = Merger(run, max_size=3, in_flight=2)
+        tasks = [asyncio.create_task(merger(i)) for i in range(8)]
+        await settle()
+        assert run.batches == [[0, 1, 2], [3, 4, 5]]  # two in flight, three each
+        merger.configure(max_size=1)
+        run.release.set()
+        assert await asyncio.gather(*tasks) == [i * 10 for i in range(8)]
+        assert run.batches[2:] == [[6], [7]]
+
+    asyncio.run(main())
+
+
+def test_an_error_reaches_every_caller_of_its_batch_and_the_next_batch_runs() -> None:
+    async def main() -> None:
+        calls: list[list[str]] = []
+
+        async def run(items: list[str]) -> list[str]:
+            calls.append(items)
+            await asyncio.sleep(0.01)
+            if "bad" in items:
+                raise ValueError("stage failed")
+            return items
+
+        merger: Merger[str, str] = Merger(run, max_size=8)
+        first = asyncio.create_task(merger("a"))
+        await settle()
+        bad = [asyncio.create_task(merger(x)) for x in ("b", "bad")]
+        results = await asyncio.gather(first, *bad, return_exceptions=True)
+        assert results[0] == "a"
+        assert [type(r) for r in results[1:]] == [ValueError, ValueError]
+        assert await merger("c") == "c"
+        assert calls == [["a"], ["b", "bad"], ["c"]]
+
+    asyncio.run(main())
+
+
+def test_a_caller_that_gave_up_is_left_out_of_the_batch() -> None:
+    async def main() -> None:
+        run = Recorder()
+        merger = Merger(run, max_size=8)
+        first = asyncio.create_task(merger(1))
+        await settle()
+        gone = asyncio.create_task(merger(2))
+        kept = asyncio.create_task(merger(3))
+        await settle()
+        gone.cancel()
+        await settle()
+        run.release.set()
+        assert (await first, await kept) == (10, 30)
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        assert run.batches == [[1], [3]]
+
+    asyncio.run(main())
+
+
+def test_wait_ms_lets_a_batch_gather_more_requests() -> None:
+    async def main() -> None:
+        seen: list[list[int]] = []
+
+        async def run(items: list[int]) -> list[int]:
+            seen.append(items)
+            return items
+
+        merger = Merger(run, max_size=8, wait_ms=50)
+        first = asyncio.create_task(merger(1))
+        await asyncio.sleep(0.005)
+        assert list(await asyncio.gather(first, merger(2))) == [1, 2]
+        assert seen == [[1, 2]]
+
+    asyncio.run(main())
