@@ -202,10 +202,6 @@ def make_ingress(spec: PipelineSpec, home: str, api_key: ApiKey) -> Any:
     predict_doc = body_schema(spec)
     segments = spec.segments()
     id_field = spec.request.id_field
-    # Batches in flight at once: one per stage deployment, so that every remote stage
-    # has work while the others do theirs. With every stage inline, one: inline stages
-    # run one batch at a time, and a second batch would only split the first.
-    in_flight = max(1, sum(not s.inline for s in segments))
 
     @serve.ingress(app)
     class Ingress:
@@ -243,7 +239,7 @@ def make_ingress(spec: PipelineSpec, home: str, api_key: ApiKey) -> Any:
                     self._score_all,
                     max_size=batching.max_size,
                     wait_ms=batching.wait_ms,
-                    in_flight=in_flight,
+                    in_flight=spec.serve.ingress.in_flight,
                 )
             api_key.load()
             freeze_heap()

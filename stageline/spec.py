@@ -349,6 +349,12 @@ class IngressSpec(_Config):
     """Concurrent requests merged into one frame before the first stage, so every stage
     (inline or behind a handle) runs once per batch, not once per request. With
     ``wait_ms: 0`` nobody waits: a batch is whatever arrived while the last one ran."""
+    in_flight: int = Field(default=1, ge=1)
+    """Batches one ingress replica has going through the stages at once. 1: the next
+    batch forms while this one runs, so batches grow with the load. More lets stage
+    deployments work on several batches at once (on a cluster where each has CPUs of its
+    own); on one 2-core machine, 1 served the per-stage graph best at every load measured
+    (``python -m bench.online``). Stages placed inline run one batch at a time anyway."""
 
 
 class ServeAppSpec(_Config):
