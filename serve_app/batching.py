@@ -39,10 +39,9 @@ class Merger(Generic[T, R]):
         self.run = run
         self.max_size = max_size
         self.wait_s = wait_ms / 1000
-        self.in_flight = in_flight
         self._queue: deque[tuple[T, asyncio.Future[R]]] = deque()
         self._arrived = asyncio.Event()
-        self._slots: asyncio.Semaphore | None = None
+        self._slots = asyncio.Semaphore(in_flight)
         self._former: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
 
@@ -62,7 +61,6 @@ class Merger(Generic[T, R]):
         return await future
 
     async def _form(self) -> None:
-        self._slots = self._slots or asyncio.Semaphore(self.in_flight)
         while True:
             await self._slots.acquire()
             while not self._live():
@@ -89,7 +87,6 @@ class Merger(Generic[T, R]):
         return bool(self._queue)
 
     async def _run(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
-        assert self._slots is not None
         try:
             results = await self.run([item for item, _ in batch])
             for (_, future), result in zip(batch, results, strict=True):

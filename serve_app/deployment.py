@@ -147,19 +147,19 @@ class StageDeployment:
         self.chain = MeteredChain(spec, stages, home)
         # No call outlives the deadline of the requests it serves (see off_loop).
         self.timeout_s = spec.serve.request_timeout_s
-        self._one_at_a_time = asyncio.Lock()
+        # One chain call at a time (stages need not be thread-safe); without batching,
+        # batches of one.
         batching = spec.stage(stages[0]).serve.batch
-        self.merger: Merger[pd.DataFrame, pd.DataFrame] | None = None
-        if batching is not None:
-            self.merger = Merger(self._merged, max_size=batching.max_size, wait_ms=batching.wait_ms)
+        self.batching = batching is not None
+        self.merger: Merger[pd.DataFrame, pd.DataFrame] = (
+            Merger(self._merged, max_size=batching.max_size, wait_ms=batching.wait_ms)
+            if batching is not None
+            else Merger(self._merged, max_size=1)
+        )
         freeze_heap()
 
     async def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        if self.merger is not None:
-            return await self.merger(batch)
-        # One call at a time, as with batching: stages need not be thread-safe.
-        async with self._one_at_a_time:
-            return await off_loop(self.chain, batch, timeout_s=self.timeout_s)
+        return await self.merger(batch)
 
     async def _merged(self, batches: list[pd.DataFrame]) -> list[pd.DataFrame]:
         if len(batches) == 1:
@@ -179,7 +179,7 @@ class StageDeployment:
         params (``{"model": {"alias": "challenger"}}``) and batching overrides
         (``{"batch": {"max_size": 32, "wait_ms": 1}}``)."""
         batching = user_config.get("batch") or {}
-        if self.merger is not None:
+        if self.batching:
             self.merger.configure(batching.get("max_size"), batching.get("wait_ms"))
         self.chain.reconfigure(user_config)
 

@@ -21,6 +21,9 @@ TWO_REPLICAS: Json = {"num_cpus": 0.25, "autoscaling": {"min_replicas": 2, "max_
 SHIPPED: Json = {"ingress": TWO_REPLICAS}
 """The shipped placement for ``fraud_variant``: every stage inline in two ingress replicas
 (the test session's Ray holds other apps: a quarter CPU each)."""
+PLACEMENTS: dict[str, Json] = {"shipped": SHIPPED, "per-stage": {"inline": []}}
+"""The placements a fault is tried in: the shipped one, and one deployment per stage
+(one replica each: nothing else to fall back on; the ingress cancels what it issued)."""
 
 
 def one_record(i: int) -> Json:

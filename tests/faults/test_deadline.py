@@ -10,7 +10,7 @@ import yaml
 
 from tests.conftest import GOOD_RECORD, deploy_app
 from tests.faults.load import Load
-from tests.faults.online import SHIPPED, TIMEOUT, Json, one_record
+from tests.faults.online import PLACEMENTS, TIMEOUT, Json, one_record
 from tests.integration.serve_helpers import delete_apps, fraud_variant, wait_for
 
 STAGES = '''\
@@ -54,12 +54,6 @@ class Witness:
 
 DEADLINE_S = 2.0
 SLOW_S = 6.0
-PLACEMENTS: dict[str, Json] = {
-    # The shipped placement: every stage in the ingress replicas.
-    "shipped": SHIPPED,
-    # One deployment per stage: the ingress cancels the calls it issued.
-    "per-stage": {"inline": []},
-}
 
 
 @pytest.mark.parametrize("placement", list(PLACEMENTS))

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import deploy_app
 from tests.faults.load import Load, Report
-from tests.faults.online import SHIPPED, Json, one_record, running_replicas
+from tests.faults.online import PLACEMENTS, one_record, running_replicas
 from tests.integration.serve_helpers import delete_apps, fraud_variant
 
 APP = "fault-rollout"
@@ -21,14 +21,6 @@ def reasons_in(report: Report, start: float = 0.0) -> set[int]:
     return {
         len(json.loads(a.body)["predictions"][0]["reasons"]) for a in report.between(start) if a.ok
     }
-
-
-PLACEMENTS: dict[str, Json] = {
-    # The shipped placement: every stage in the ingress, two replicas.
-    "shipped": SHIPPED,
-    # One deployment per stage, one replica each: nothing else to fall back on.
-    "per-stage": {"inline": []},
-}
 
 
 @pytest.mark.parametrize("placement", list(PLACEMENTS))
