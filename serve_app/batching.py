@@ -7,23 +7,44 @@ behind it: batches of one, and the stages' fixed cost paid per request (measured
 here: 175 requests/s instead of 750 at 32 clients). :class:`Merger` waits for a
 free slot first, then takes everything queued, up to ``max_size``: a batch is
 whatever arrived while the previous one ran, and a lone request runs at once.
+
+Clients that were answered together come back together, a few milliseconds apart
+(a closed loop: the same callers, each waiting for its answer). A batch formed on the
+first of them would run alone, and the rest queue behind it for a whole run. So a
+batch smaller than the last one waits up to ``regroup_ms`` for as many as the last had
+(measured on the per-stage graph at 8 clients: 202 requests/s at p50 39 ms, against
+105 at p50 75 ms without). A caller alone (the last batch was one) never waits.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
+OPTIONS = ("max_size", "wait_ms", "regroup_ms")
+
+
+def batch_overrides(user_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``batch`` section of a deployment's ``user_config`` (``{"batch": {"max_size":
+    32}}``): the options it sets, for :meth:`Merger.configure`."""
+    given = dict(user_config.get("batch") or {})
+    unknown = sorted(set(given) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"user_config batch: unknown {unknown}; known: {', '.join(OPTIONS)}")
+    return given
+
+
 class Merger(Generic[T, R]):
     """``await merger(item)``: ``run`` is called on a list of concurrent items and returns
     one result per item, in order. At most ``in_flight`` runs at a time; a run waits up to
-    ``wait_ms`` for more items while it has fewer than ``max_size``.
+    ``wait_ms`` for more items while it has fewer than ``max_size``, and up to
+    ``regroup_ms`` while it has fewer than the previous run had.
 
     An exception from ``run`` goes to every caller of that batch. A caller cancelled
     before its batch formed is left out of it."""
@@ -34,23 +55,33 @@ class Merger(Generic[T, R]):
         *,
         max_size: int,
         wait_ms: float = 0.0,
+        regroup_ms: float = 0.0,
         in_flight: int = 1,
     ) -> None:
         self.run = run
         self.max_size = max_size
         self.wait_s = wait_ms / 1000
+        self.regroup_s = regroup_ms / 1000
+        self._last_size = 0
         self._queue: deque[tuple[T, asyncio.Future[R]]] = deque()
         self._arrived = asyncio.Event()
         self._slots = asyncio.Semaphore(in_flight)
         self._former: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
 
-    def configure(self, max_size: int | None = None, wait_ms: float | None = None) -> None:
-        """Change the batch size and wait (None: leave as is); the next batch uses them."""
+    def configure(
+        self,
+        max_size: int | None = None,
+        wait_ms: float | None = None,
+        regroup_ms: float | None = None,
+    ) -> None:
+        """Change the batch size and waits (None: leave as is); the next batch uses them."""
         if max_size is not None:
             self.max_size = int(max_size)
         if wait_ms is not None:
             self.wait_s = float(wait_ms) / 1000
+        if regroup_ms is not None:
+            self.regroup_s = float(regroup_ms) / 1000
 
     async def __call__(self, item: T) -> R:
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
@@ -68,6 +99,8 @@ class Merger(Generic[T, R]):
                 await self._arrived.wait()
             if self.wait_s > 0 and len(self._queue) < self.max_size:
                 await asyncio.sleep(self.wait_s)
+            elif self.regroup_s > 0:
+                await self._regroup(min(self._last_size, self.max_size))
             batch: list[tuple[T, asyncio.Future[R]]] = []
             while self._queue and len(batch) < self.max_size:
                 item, future = self._queue.popleft()
@@ -76,9 +109,21 @@ class Merger(Generic[T, R]):
             if not batch:
                 self._slots.release()
                 continue
+            self._last_size = len(batch)
             task = asyncio.create_task(self._run(batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
+
+    async def _regroup(self, size: int) -> None:
+        """Wait up to ``regroup_ms`` until ``size`` items are queued."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self.regroup_s
+        while len(self._queue) < size and (left := until - loop.time()) > 0:
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), left)
+            except TimeoutError:
+                return
 
     def _live(self) -> bool:
         """Whether a caller still waits in the queue (cancelled ones are dropped)."""

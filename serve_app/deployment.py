@@ -23,7 +23,7 @@ from ray import serve
 from ray.serve import metrics
 
 from serve_app import _loopback as loopback
-from serve_app.batching import Merger
+from serve_app.batching import Merger, batch_overrides
 from stageline.pipeline import StageChain
 from stageline.spec import PipelineSpec
 from stageline.stage import error_mask
@@ -152,7 +152,12 @@ class StageDeployment:
         batching = spec.stage(stages[0]).serve.batch
         self.batching = batching is not None
         self.merger: Merger[pd.DataFrame, pd.DataFrame] = (
-            Merger(self._merged, max_size=batching.max_size, wait_ms=batching.wait_ms)
+            Merger(
+                self._merged,
+                max_size=batching.max_size,
+                wait_ms=batching.wait_ms,
+                regroup_ms=batching.regroup_ms,
+            )
             if batching is not None
             else Merger(self._merged, max_size=1)
         )
@@ -178,9 +183,9 @@ class StageDeployment:
         """Serve calls this on start and on every ``user_config`` change: per-stage
         params (``{"model": {"alias": "challenger"}}``) and batching overrides
         (``{"batch": {"max_size": 32, "wait_ms": 1}}``)."""
-        batching = user_config.get("batch") or {}
+        batching = batch_overrides(user_config)
         if self.batching:
-            self.merger.configure(batching.get("max_size"), batching.get("wait_ms"))
+            self.merger.configure(**batching)
         self.chain.reconfigure(user_config)
 
     def status(self) -> dict[str, Any]:

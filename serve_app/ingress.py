@@ -35,7 +35,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import _loopback as loopback
-from serve_app.batching import Merger
+from serve_app.batching import Merger, batch_overrides
 from serve_app.deployment import MeteredChain, freeze_heap, off_loop
 from serve_app.http import (
     ApiError,
@@ -239,6 +239,7 @@ def make_ingress(spec: PipelineSpec, home: str, api_key: ApiKey) -> Any:
                     self._score_all,
                     max_size=batching.max_size,
                     wait_ms=batching.wait_ms,
+                    regroup_ms=batching.regroup_ms,
                     in_flight=spec.serve.ingress.in_flight,
                 )
             api_key.load()
@@ -247,9 +248,9 @@ def make_ingress(spec: PipelineSpec, home: str, api_key: ApiKey) -> Any:
         def reconfigure(self, user_config: dict[str, Any]) -> None:
             """Model references for the stages placed inline (see ``build_app``) and
             batching overrides (``{"batch": {"max_size": 32, "wait_ms": 1}}``)."""
-            batching = user_config.get("batch") or {}
+            batching = batch_overrides(user_config)
             if self.merger is not None:
-                self.merger.configure(batching.get("max_size"), batching.get("wait_ms"))
+                self.merger.configure(**batching)
             for _segment, runner in self.plan:
                 if isinstance(runner, MeteredChain):
                     runner.reconfigure(user_config)

@@ -272,6 +272,10 @@ class BatchingSpec(_Config):
     wait_ms: float = Field(default=0.0, ge=0)
     """Longest a request waits for others to share its batch. 0: nobody waits; a batch
     is whatever queued up while the previous one ran."""
+    regroup_ms: float = Field(default=3.0, ge=0)
+    """Longest a batch smaller than the previous one waits for as many requests as that
+    one had: callers answered together come back a few ms apart, and without it the
+    first back runs alone while the rest queue behind it. A lone caller never waits."""
 
 
 class StageServeSpec(_Config):

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from serve_app.batching import Merger
+from serve_app.batching import Merger, batch_overrides
 
 
 class Recorder:
@@ -119,3 +119,61 @@ def test_wait_ms_lets_a_batch_gather_more_requests() -> None:
         assert seen == [[1, 2]]
 
     asyncio.run(main())
+
+
+def test_callers_answered_together_come_back_into_one_batch_with_regroup_ms() -> None:
+    """A closed loop: four callers answered by one batch return a few ms apart. Without
+    regrouping the first of them runs alone and the other three wait for it."""
+
+    async def main(regroup_ms: float) -> list[list[int]]:
+        seen: list[list[int]] = []
+
+        async def run(items: list[int]) -> list[int]:
+            seen.append(items)
+            await asyncio.sleep(0.02)
+            return items
+
+        merger = Merger(run, max_size=8, regroup_ms=regroup_ms)
+
+        async def client(i: int) -> None:
+            for _ in range(3):
+                await merger(i)
+                await asyncio.sleep(0.002 * i)  # answered together, back staggered
+
+        await asyncio.gather(*(client(i) for i in range(4)))
+        return seen
+
+    assert asyncio.run(main(regroup_ms=50)) == [[0, 1, 2, 3]] * 3
+    split = asyncio.run(main(regroup_ms=0))
+    assert split[1] == [0]  # the first back runs alone; the rest queue behind it
+    assert len(split) > 3
+
+
+def test_regroup_never_holds_a_caller_alone_and_gives_up_after_regroup_ms() -> None:
+    async def main() -> None:
+        run = Recorder()
+        run.release.set()
+        merger = Merger(run, max_size=8, regroup_ms=10_000)
+        assert await merger(1) == 10
+        started = asyncio.get_running_loop().time()
+        assert await merger(2) == 20  # the last batch was one: no wait at all
+        assert asyncio.get_running_loop().time() - started < 1
+
+        merger.configure(regroup_ms=30)
+        assert await asyncio.gather(*(merger(i) for i in range(3))) == [0, 10, 20]
+        started = asyncio.get_running_loop().time()
+        assert await merger(4) == 40  # one of three came back: runs after 30 ms
+        assert asyncio.get_running_loop().time() - started >= 0.03
+        assert run.batches[-2:] == [[0, 1, 2], [4]]
+
+    asyncio.run(main())
+
+
+def test_batch_overrides_name_a_misspelt_option() -> None:
+    assert batch_overrides({"model": {"alias": "x"}}) == {}
+    assert batch_overrides({"batch": {"max_size": 4, "regroup_ms": 0}}) == {
+        "max_size": 4,
+        "regroup_ms": 0,
+    }
+    with pytest.raises(ValueError, match=r"unknown \['max_sise'\]; known: max_size"):
+        batch_overrides({"batch": {"max_sise": 4}})
