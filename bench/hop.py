@@ -1,5 +1,6 @@
-"""What a deployment boundary costs: one Ray Serve DeploymentHandle call against one
-plain Ray actor call, with the same one-row DataFrame the pipeline passes.
+"""What a deployment boundary costs: one Ray Serve DeploymentHandle call (as a Ray actor
+call, and over gRPC as stageline's ingress makes it) against one plain Ray actor call,
+with the same one-row DataFrame the pipeline passes.
 
     python -m bench.hop [--calls N] [--concurrency C] [--results DIR] [--smoke]
 
@@ -58,6 +59,19 @@ def throughput(submit: Any, wait: Any, calls: int, concurrency: int) -> float:
     return done / (time.perf_counter() - started)
 
 
+def handle_figures(handle: Any, calls: int, concurrency: int) -> tuple[float, float]:
+    """Median seconds of a call, and calls per second with ``concurrency`` in flight."""
+    return (
+        median_seconds(lambda: handle.remote(ROW).result(), calls),
+        throughput(
+            lambda: handle.remote(ROW),
+            lambda rs: [r.result() for r in rs],
+            calls * 4,
+            concurrency,
+        ),
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=500, help="calls per measure (500)")
@@ -76,16 +90,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         actor = EchoActor.remote()  # type: ignore[attr-defined]
 
+        grpc = handle.options(_by_reference=False)  # serve.stage_calls: grpc
         results = {
-            "DeploymentHandle": (
-                median_seconds(lambda: handle.remote(ROW).result(), args.calls),
-                throughput(
-                    lambda: handle.remote(ROW),
-                    lambda rs: [r.result() for r in rs],
-                    args.calls * 4,
-                    args.concurrency,
-                ),
-            ),
+            name: handle_figures(h, args.calls, args.concurrency)
+            for name, h in (("DeploymentHandle", handle), ("DeploymentHandle, gRPC", grpc))
+        }
+        results |= {
             "Ray actor": (
                 median_seconds(lambda: ray.get(actor.echo.remote(ROW)), args.calls),
                 throughput(
@@ -97,16 +107,15 @@ def main(argv: list[str] | None = None) -> int:
         serve.shutdown()  # type: ignore[no-untyped-call]
         ray.shutdown()
 
-    handle_s, handle_rate = results["DeploymentHandle"]
     actor_s, actor_rate = results["Ray actor"]
     rows = [
         {"kind": kind, "sequential_s": s, "calls_per_s": rate}
         for kind, (s, rate) in results.items()
     ]
     table = [[kind, f"{s * 1e3:.2f}", f"{rate:,.0f}"] for kind, (s, rate) in results.items()]
-    table.append(
-        ["handle / actor", f"{handle_s / actor_s:.1f}x", f"{handle_rate / actor_rate:.2f}x"]
-    )
+    for kind in ("DeploymentHandle", "DeploymentHandle, gRPC"):
+        s, rate = results[kind]
+        table.append([f"{kind} / actor", f"{s / actor_s:.1f}x", f"{rate / actor_rate:.2f}x"])
     header = ["call", "sequential p50 ms", f"calls/s at concurrency {args.concurrency}"]
     config = {
         "calls": args.calls,

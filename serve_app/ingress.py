@@ -209,7 +209,8 @@ def make_ingress(spec: PipelineSpec, home: str, api_key: ApiKey) -> Any:
             loopback.install()
             self.spec = spec
             self.validate = StageChain(spec, [], Path(home), validate=True)
-            remote = iter(handles)
+            by_reference = spec.serve.stage_calls == "actor"
+            remote = iter(h.options(_by_reference=by_reference) for h in handles)
             # A stage placed inline runs (and is measured) on its own, as in a deployment.
             self.plan: list[tuple[Segment, DeploymentHandle[Any] | MeteredChain]] = []
             for s in segments:

@@ -376,6 +376,12 @@ class ServeAppSpec(_Config):
     """Deadline of one request through every stage; past it the client gets a 504. A
     request body still arriving after this long is a 408 (a slow client holds nothing)."""
     ingress: IngressSpec = IngressSpec()
+    stage_calls: Literal["grpc", "actor"] = "grpc"
+    """How the ingress calls the stage deployments. ``grpc``: straight to the replica's
+    gRPC server (Serve's by-value handles), each stage's answer back to the ingress;
+    about a third more requests a second through the per-stage graph here than
+    ``actor``: Ray actor calls passing object references, which needs no replica port
+    reachable from the ingress's node."""
     access_log: bool = False
     """Ray Serve's access log line per request and stage. Off by default: at a thousand
     requests a second those lines cost more CPU than the stages; the request metrics

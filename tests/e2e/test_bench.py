@@ -67,7 +67,7 @@ def test_model_smoke(tmp_path: Path, bench_home: Path) -> None:
 def test_hop_smoke(tmp_path: Path, bench_home: Path) -> None:
     record = smoke("hop", tmp_path, bench_home, timeout=180)
     rows = {r["kind"]: r for r in record["rows"]}
-    assert set(rows) == {"DeploymentHandle", "Ray actor"}
+    assert set(rows) == {"DeploymentHandle", "DeploymentHandle, gRPC", "Ray actor"}
     assert all(r["sequential_s"] > 0 and r["calls_per_s"] > 0 for r in rows.values())
 
 

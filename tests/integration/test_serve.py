@@ -50,7 +50,11 @@ STAGES = ["features", "transform", "model", "postprocess"]
 PLACEMENTS: dict[str, tuple[Json, set[str]]] = {
     # placement id: (the spec's serve: options, the deployments Serve runs)
     "per-stage": ({"inline": []}, {*STAGES, "ingress"}),
-    "fused": ({"inline": [], "fuse": [STAGES]}, {"features+postprocess", "ingress"}),
+    # Stage deployments called as Ray actors here (object references), over gRPC in the rest.
+    "fused": (
+        {"inline": [], "fuse": [STAGES], "stage_calls": "actor"},
+        {"features+postprocess", "ingress"},
+    ),
     "mixed": (
         {"inline": ["features"], "fuse": [["transform", "model"]]},
         {"transform+model", "postprocess", "ingress"},
