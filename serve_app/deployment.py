@@ -13,6 +13,7 @@ import functools
 import gc
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,7 @@ class MeteredChain:
         self.segment = "+".join(stages)
         self.chain = StageChain(spec, stages, Path(home))
         self.metrics = _metrics()
-        self.batch_sizes: list[int] = []
+        self.batch_sizes: deque[int] = deque(maxlen=1000)
         self._models: list[tuple[float, dict[str, str]]] = []
         self._report_models()
 
@@ -111,7 +112,7 @@ class MeteredChain:
             m.model_version.set(version, tags=model_tags)
         m.latency.observe((time.perf_counter() - started) * 1000, tags=tags)
         m.batch_rows.observe(len(batch), tags=tags)
-        self.batch_sizes = [*self.batch_sizes[-999:], len(batch)]
+        self.batch_sizes.append(len(batch))
         bad = error_mask(out) & ~error_mask(batch)
         if bad.any():
             for reason, count in (

@@ -69,7 +69,8 @@ def error_mask(batch: pd.DataFrame) -> np.ndarray[Any, np.dtype[np.bool_]]:
     """Boolean array: True where a row was marked bad by some stage."""
     if ERROR_COLUMN not in batch.columns:
         return np.zeros(len(batch), dtype=bool)
-    return np.asarray(batch[ERROR_COLUMN].notna(), dtype=bool)
+    # On the NumPy array, not the Series: a quarter of the cost on a one-row frame.
+    return ~pd.isna(batch[ERROR_COLUMN].to_numpy())
 
 
 def mark_errors(
