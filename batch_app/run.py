@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from batch_app.dataset import CSV_SUFFIXES, build_dataset
+from batch_app.dataset import CSV_SUFFIXES, build_dataset, inherit_read_env
 from stageline._io import atomic_write_bytes
 from stageline.context import resolve_home
 from stageline.features import StoreUnavailableError
@@ -304,6 +304,7 @@ def connect(address: str | None = None, *, num_cpus: float | None = None) -> boo
     if address:
         ray.init(address=address, namespace="stageline", logging_level=logging.WARNING)
     else:
+        inherit_read_env()
         ray.init(**local_ray_options(num_cpus=num_cpus), logging_level=logging.WARNING)
     return True
 

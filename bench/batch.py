@@ -6,8 +6,11 @@ The demo pipeline over parquet inputs of each size (generated once under
 ``bench/.data/``, 250,000 rows a file, ~1% bad rows, reused by later runs; under
 ``<results>/tmp`` when the results go elsewhere). The
 baseline does the same stages file by file in one process: read, validate, look
-up, transform, predict with every core, write. Each runs as its own process;
-peak memory is the PSS of its whole process tree (Ray's processes included).
+up, transform, predict with every core, write. Each runs as its own process, twice:
+once timed, with nothing else running, and once for its peak memory, the PSS of its
+whole process tree (Ray's processes included). Sampling PSS costs the kernel ~65 ms of
+CPU per sample of stageline's ~20 processes, a fifth of a core at 4 samples a second:
+in the timed run it would slow the many-process side alone.
 """
 
 from __future__ import annotations
@@ -77,17 +80,21 @@ def pandas_loop(spec: PipelineSpec, source: Path, output: Path, home: Path) -> i
     return rows
 
 
-def measure(argv: list[str]) -> tuple[float, int]:
-    """Seconds and peak PSS (bytes) of a command's whole process tree."""
+def measure(argv: list[str], sample_memory: bool) -> tuple[float, int]:
+    """Seconds a command takes and, if ``sample_memory``, the peak PSS (bytes) of its
+    whole process tree (else 0)."""
     started = time.perf_counter()
     proc = subprocess.Popen(
         argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=local_env()
     )
-    with PeakMemory(proc.pid) as peak:
+    if sample_memory:
+        with PeakMemory(proc.pid) as peak:
+            _out, err = proc.communicate()
+    else:
         _out, err = proc.communicate()
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed:\n{err.decode()[-3000:]}")
-    return time.perf_counter() - started, peak.pss
+    return time.perf_counter() - started, peak.pss if sample_memory else 0
 
 
 def plot(rows: list[dict[str, Any]], results: Path) -> None:
@@ -145,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         }  # fmt: skip
         for kind, command in commands.items():
             shutil.rmtree(work, ignore_errors=True)
-            seconds, pss = measure(command)
+            seconds, _ = measure(command, sample_memory=False)
+            shutil.rmtree(work, ignore_errors=True)
+            _, pss = measure(command, sample_memory=True)
             rows.append(
                 {"kind": kind, "rows": size, "seconds": seconds, "rows_per_s": size / seconds,
                  "peak_pss": pss}
