@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
+from batch_app.dataset import ArrowBatchChain, BatchChain
 from batch_app.run import MANIFEST, QUARANTINE, STAGING, Summary, run
 from stageline import Pipeline
 from stageline.cli import main
@@ -312,3 +315,31 @@ def test_batch_with_redis_online_store_scores_as_memory_and_fails_clearly_when_i
     np.testing.assert_array_equal(
         out["score"].to_numpy(), expected.loc[out.index, "score"].to_numpy()
     )
+
+
+def test_actors_hand_ray_their_frames_as_arrow_and_anything_else_as_it_is(
+    fraud_spec: PipelineSpec, demo_home: Path, holdout: pd.DataFrame
+):
+    """What a pool's actor returns: the chain's frame as an Arrow table (scores, errors
+    and reasons intact); a frame Arrow cannot hold goes back unchanged."""
+    frame = holdout[REQUEST].head(40).reset_index(drop=True)
+    frame.loc[[3, 7], "amount"] = -5.0  # rejected by validation
+    kwargs: dict[str, Any] = {"spec": fraud_spec, "stages": [s.name for s in fraud_spec.stages],
+                              "home": str(demo_home), "validate": True}  # fmt: skip
+    actor = ArrowBatchChain(**kwargs)
+    out = actor(frame)
+    expected = BatchChain(**kwargs)(frame)
+    assert isinstance(out, pa.Table)
+    assert out.column_names == list(expected.columns)
+    # NaN (no score) is null in Arrow, as Ray's own conversion makes it.
+    pd.testing.assert_series_equal(out["score"].to_pandas(), expected["score"], check_names=False)
+    assert out["_error"].to_pylist() == expected["_error"].tolist()
+    assert [i for i, e in enumerate(out["_error"].to_pylist()) if e] == [3, 7]
+    assert out["reasons"].to_pylist() == expected["reasons"].tolist()
+
+    class Mixed(BatchChain):
+        def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+            return pd.DataFrame({"odd": pd.Series([1, "a"], dtype=object)})
+
+    actor.chain = Mixed(**kwargs)
+    assert isinstance(actor(frame), pd.DataFrame)
