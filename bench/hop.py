@@ -1,5 +1,5 @@
 """What a deployment boundary costs: one Ray Serve DeploymentHandle call (as a Ray actor
-call, and over gRPC as stageline's ingress makes it) against one plain Ray actor call,
+call, and over gRPC: ``serve.stage_calls``) against one plain Ray actor call,
 with the same one-row DataFrame the pipeline passes.
 
     python -m bench.hop [--calls N] [--concurrency C] [--results DIR] [--smoke]

@@ -376,12 +376,14 @@ class ServeAppSpec(_Config):
     """Deadline of one request through every stage; past it the client gets a 504. A
     request body still arriving after this long is a 408 (a slow client holds nothing)."""
     ingress: IngressSpec = IngressSpec()
-    stage_calls: Literal["grpc", "actor"] = "grpc"
-    """How the ingress calls the stage deployments. ``grpc``: straight to the replica's
-    gRPC server (Serve's by-value handles), each stage's answer back to the ingress;
-    about a third more requests a second through the per-stage graph here than
-    ``actor``: Ray actor calls passing object references, which needs no replica port
-    reachable from the ingress's node."""
+    stage_calls: Literal["actor", "grpc"] = "actor"
+    """How the ingress calls the stage deployments. ``actor``: Ray actor calls passing
+    object references; a stage replica that dies under a call fails it at once (a 503
+    with Retry-After, and the retry goes to another replica). ``grpc``: straight to the
+    replica's gRPC server (Serve's by-value handles): 2.2 against 3.0 ms a bare call
+    here (``python -m bench.hop``), but a replica killed under a call left it hanging
+    until the request's deadline (a 504 after 5 s) in the fault suite, and every
+    replica's gRPC port must be reachable from the ingress's node."""
     access_log: bool = False
     """Ray Serve's access log line per request and stage. Off by default: at a thousand
     requests a second those lines cost more CPU than the stages; the request metrics

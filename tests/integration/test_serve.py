@@ -50,9 +50,9 @@ STAGES = ["features", "transform", "model", "postprocess"]
 PLACEMENTS: dict[str, tuple[Json, set[str]]] = {
     # placement id: (the spec's serve: options, the deployments Serve runs)
     "per-stage": ({"inline": []}, {*STAGES, "ingress"}),
-    # Stage deployments called as Ray actors here (object references), over gRPC in the rest.
+    # Stage deployments called over gRPC here, as Ray actors (the default) in the rest.
     "fused": (
-        {"inline": [], "fuse": [STAGES], "stage_calls": "actor"},
+        {"inline": [], "fuse": [STAGES], "stage_calls": "grpc"},
         {"features+postprocess", "ingress"},
     ),
     "mixed": (
