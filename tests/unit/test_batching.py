@@ -22,6 +22,19 @@ class Recorder:
         return [i * 10 for i in items]
 
 
+class Echo:
+    """A batch function that records each batch and answers it after ``delay_s``."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.batches: list[list[int]] = []
+        self.delay_s = delay_s
+
+    async def __call__(self, items: list[int]) -> list[int]:
+        self.batches.append(list(items))
+        await asyncio.sleep(self.delay_s)
+        return items
+
+
 async def settle() -> None:
     for _ in range(5):
         await asyncio.sleep(0)
@@ -106,17 +119,12 @@ def test_a_caller_that_gave_up_is_left_out_of_the_batch() -> None:
 
 def test_wait_ms_lets_a_batch_gather_more_requests() -> None:
     async def main() -> None:
-        seen: list[list[int]] = []
-
-        async def run(items: list[int]) -> list[int]:
-            seen.append(items)
-            return items
-
+        run = Echo()
         merger = Merger(run, max_size=8, wait_ms=50)
         first = asyncio.create_task(merger(1))
         await asyncio.sleep(0.005)
         assert list(await asyncio.gather(first, merger(2))) == [1, 2]
-        assert seen == [[1, 2]]
+        assert run.batches == [[1, 2]]
 
     asyncio.run(main())
 
@@ -126,13 +134,7 @@ def test_callers_answered_together_come_back_into_one_batch_with_regroup_ms() ->
     regrouping the first of them runs alone and the other three wait for it."""
 
     async def main(regroup_ms: float) -> list[list[int]]:
-        seen: list[list[int]] = []
-
-        async def run(items: list[int]) -> list[int]:
-            seen.append(items)
-            await asyncio.sleep(0.02)
-            return items
-
+        run = Echo(delay_s=0.02)
         merger = Merger(run, max_size=8, regroup_ms=regroup_ms)
 
         async def client(i: int) -> None:
@@ -141,7 +143,7 @@ def test_callers_answered_together_come_back_into_one_batch_with_regroup_ms() ->
                 await asyncio.sleep(0.002 * i)  # answered together, back staggered
 
         await asyncio.gather(*(client(i) for i in range(4)))
-        return seen
+        return run.batches
 
     assert asyncio.run(main(regroup_ms=50)) == [[0, 1, 2, 3]] * 3
     split = asyncio.run(main(regroup_ms=0))
