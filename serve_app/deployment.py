@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -35,6 +35,9 @@ LATENCY_BOUNDARIES_MS = [0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500
 BATCH_BOUNDARIES = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0]
 
 
+T = TypeVar("T")
+
+
 def freeze_heap() -> None:
     """Leave everything built so far (model, features, Ray, FastAPI) out of the garbage
     collector's full passes. A replica holds ~10^5 long-lived objects; a full pass over
@@ -43,9 +46,7 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
-async def off_loop(
-    run: Callable[..., pd.DataFrame], *args: Any, timeout_s: float | None = None
-) -> pd.DataFrame:
+async def off_loop(run: Callable[..., T], *args: Any, timeout_s: float | None = None) -> T:
     """``run(*args)`` (stages: plain blocking code) in a worker thread, given up after
     ``timeout_s``.
 
