@@ -95,11 +95,15 @@ def register_challenger(home: Path) -> int:
 
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
-    """A local Ray on loopback for the whole session; shut down at the end."""
+    """A local Ray on loopback for the whole session, with the Serve settings
+    ``stageline serve`` ships (its HTTP front aside); shut down at the end."""
     import ray
 
+    from serve_app.local import SERVE_SETTINGS
     from stageline.localray import local_ray_options
 
+    for key, value in SERVE_SETTINGS.items():
+        os.environ.setdefault(key, value)
     ray.init(**local_ray_options(num_cpus=8, object_store_mb=256), log_to_driver=False)
     try:
         yield

@@ -8,11 +8,13 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import requests
 
+from serve_app.local import FILL_FIRST, serve_env
 from stageline.demo.train import DemoResult
 from stageline.localray import descendants, listening
 from tests.conftest import FRAUD_SPEC, free_port, register_challenger
@@ -44,15 +46,27 @@ def swap_model(home: Path, model: str, env: dict[str, str]) -> subprocess.Comple
     )
 
 
+def replica_totals(stats_port: int) -> dict[str, int]:
+    """Requests each ingress replica has taken, from HAProxy's stats page (CSV)."""
+    text = requests.get(f"http://127.0.0.1:{stats_port}/stats;csv", timeout=10).text
+    header = text.lstrip("# ").splitlines()[0].split(",")
+    rows = [dict(zip(header, line.split(","), strict=False)) for line in text.splitlines()[1:]]
+    return {r["svname"]: int(r["stot"]) for r in rows if r["svname"].startswith("SERVE_REPLICA_")}
+
+
+def score(url: str, record: dict[str, object]) -> int:
+    return requests.post(f"{url}/predict", json={"records": [record]}, timeout=60).status_code
+
+
 def test_serve_answers_swaps_models_and_stops_cleanly(
     demo: DemoResult, tmp_path: Path, good_record: dict[str, object]
 ) -> None:
     home = tmp_path / "home"
     shutil.copytree(demo.home, home)
     assert register_challenger(home) == 2
-    port, metrics = free_port(), free_port()
+    port, metrics, stats = free_port(), free_port(), free_port()
     out = tmp_path / "serve.out"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_SERVE_HAPROXY_STATS_PORT": str(stats)}
     env.pop("STAGELINE_API_KEY", None)
     with out.open("w") as sink:
         server = subprocess.Popen(
@@ -82,6 +96,23 @@ def test_serve_answers_swaps_models_and_stops_cleanly(
         beyond = [(a, p, pid) for a, p, pid in sockets if a not in ("127.0.0.1", "::1")]
         assert not beyond, beyond
 
+        # Replicas are filled in order: one client's requests stay on one (warm) replica,
+        # and a load beyond FILL_FIRST requests in flight reaches the other as well.
+        until = time.monotonic() + 60
+        while len(before := replica_totals(stats)) < 2 and time.monotonic() < until:
+            time.sleep(0.5)  # HAProxy learns of each replica as Serve reloads it
+        assert len(before) == 2, before  # the shipped two ingress replicas
+        for _ in range(20):
+            one = requests.post(f"{url}/predict", json={"records": [good_record]}, timeout=30)
+            assert one.status_code == 200, one.text
+        alone = {name: n - before[name] for name, n in replica_totals(stats).items()}
+        assert sorted(alone.values()) == [0, 20], alone
+        with ThreadPoolExecutor(4 * FILL_FIRST) as pool:
+            codes = list(pool.map(lambda _: score(url, good_record), range(16 * FILL_FIRST)))
+        assert codes == [200] * len(codes)
+        crowd = {name: n - before[name] - alone[name] for name, n in replica_totals(stats).items()}
+        assert min(crowd.values()) > 0, crowd
+
         swap = swap_model(home, "fraud@challenger", env)
         assert swap.returncode == 0, swap.stderr
         assert "serving fraud v2 (challenger)" in swap.stdout
@@ -100,3 +131,58 @@ def test_serve_answers_swaps_models_and_stops_cleanly(
     assert not (home / "run" / "serve.json").exists()
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{url}/healthz", timeout=5)
+
+
+SERVE_HAPROXY_CFG = """\
+global
+    maxconn 4096
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    balance leastconn
+listen stats
+    bind *:{stats}
+    stats enable
+backend http-fraud
+    http-reuse always
+    default-server fastinter 250ms downinter 250ms fall 2 rise 2 inter 5s check
+    server SERVE_REPLICA_fraud-ingress-a 127.0.0.1:30000 check
+    server SERVE_REPLICA_fraud-ingress-b 127.0.0.1:30001 check
+    server SERVE_REPLICA_fraud-ingress-c 127.0.0.1:30002 check
+    server SERVE_PROXY_ACTOR-fallback-x 127.0.0.1:8500 check backup
+backend http-other
+    server SERVE_REPLICA_other-ingress-a 127.0.0.1:30003 check
+"""
+
+
+@pytest.mark.parametrize("fill", ["16", "0"])
+def test_haproxy_wrapper_fills_replicas_in_order(tmp_path: Path, fill: str) -> None:
+    """The config Ray Serve writes, as the wrapper hands it to the real HAProxy (in
+    check mode): stats on loopback; with a fill, every replica of a backend but the
+    last capped at that many requests and ``balance first``; with 0, as Serve wrote it."""
+    env = serve_env(tmp_path)
+    assert env["STAGELINE_HAPROXY_FILL"] == str(FILL_FIRST)
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(SERVE_HAPROXY_CFG.format(stats=env["RAY_SERVE_HAPROXY_STATS_PORT"]))
+    check = subprocess.run(
+        [env["RAY_SERVE_HAPROXY_BINARY_PATH"], "-c", "-f", str(config)],
+        env={**os.environ, **env, "STAGELINE_HAPROXY_FILL": fill},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    lines = [line.strip() for line in config.read_text().splitlines()]
+    assert f"bind 127.0.0.1:{env['RAY_SERVE_HAPROXY_STATS_PORT']}" in lines
+    servers = [line for line in lines if line.startswith("server ")]
+    if fill == "0":
+        assert "balance leastconn" in lines
+        assert not any("maxconn" in line for line in servers)
+        return
+    assert "balance first" in lines
+    capped = [line.split()[1] for line in servers if line.endswith(f" maxconn {fill}")]
+    # The last replica of a backend takes the rest (nothing queues in HAProxy); the
+    # fallback proxy and a backend of one replica are left alone.
+    assert capped == ["SERVE_REPLICA_fraud-ingress-a", "SERVE_REPLICA_fraud-ingress-b"]
