@@ -98,7 +98,13 @@ def test_online_smoke(tmp_path: Path, bench_home: Path) -> None:
         if row["target"] != "D" and row["concurrency"] == 1:
             assert row["requests"] > 0, row
             assert sum(row["errors"].values()) == 0, row
+    turns = [(r["round"], r["target"]) for r in rows if "round" in r]
+    assert turns == [(1, "A"), (1, "C")]  # the smoke's one round of A and C in turn
     summary = record["summary"]
     assert set(summary["max_rps"]) == {"A", "A'", "B", "C", "D", "E"}
-    assert "A/C p50 at concurrency 1" in summary["ratios"]
+    assert set(summary["idle_p50_ms"]) == {"A", "C"}
+    assert {
+        "A/C p50 at concurrency 1 (the pass above)",
+        "A/C p50 at concurrency 1 (median of 1 round)",
+    } <= set(summary["ratios"])
     assert (tmp_path / "online.png").stat().st_size > 0
