@@ -66,7 +66,9 @@ for arg in "$@"; do
                 FNR == 1 { b = 0 }
                 /^[ \\t]*backend / { b++; seen = 0 }
                 several && /^[ \\t]*balance leastconn[ \\t]*$/ { sub(/leastconn/, "first") }
-                /^[ \\t]*server SERVE_REPLICA_/ && ++seen < count[b] { $0 = $0 " maxconn " fill }
+                /^[ \\t]*server SERVE_REPLICA_/ && ++seen < count[b] && !/ maxconn / {
+                    $0 = $0 " maxconn " fill
+                }
                 { print }
             ' "$arg" "$arg" > "$arg.fill" && mv "$arg.fill" "$arg"
         fi
