@@ -26,7 +26,7 @@ from typing import Any
 
 import pandas as pd
 
-from bench.processes import local_env
+from bench.processes import OWN_SESSION, local_env, stop_group
 from bench.procmem import PeakMemory, gib
 from bench.report import add_run_options, markdown, scratch, write
 from stageline.cli import DEFAULT_SPEC, ensure_demo
@@ -85,13 +85,16 @@ def measure(argv: list[str], sample_memory: bool) -> tuple[float, int]:
     whole process tree (else 0)."""
     started = time.perf_counter()
     proc = subprocess.Popen(
-        argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=local_env()
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=local_env(), **OWN_SESSION
     )
-    if sample_memory:
-        with PeakMemory(proc.pid) as peak:
+    try:
+        if sample_memory:
+            with PeakMemory(proc.pid) as peak:
+                _out, err = proc.communicate()
+        else:
             _out, err = proc.communicate()
-    else:
-        _out, err = proc.communicate()
+    finally:
+        stop_group(proc)  # interrupted: its Ray goes too
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed:\n{err.decode()[-3000:]}")
     return time.perf_counter() - started, peak.pss if sample_memory else 0

@@ -37,6 +37,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +47,7 @@ import pandas as pd
 import requests
 import yaml
 
-from bench.processes import local_env, start, stop
+from bench.processes import OWN_SESSION, local_env, start, stop_group
 from bench.report import DATA, add_run_options, markdown, median_seconds, scratch, write
 from stageline.cli import DEFAULT_SPEC, ensure_demo, example_record
 from stageline.localray import free_port
@@ -136,6 +138,45 @@ def command(key: str, port: int, home: Path, work: Path) -> list[str]:
     raise ValueError(f"target {key} is not a server")
 
 
+@dataclass(frozen=True)
+class Server:
+    """A target started by :func:`serving`."""
+
+    url: str
+    """Its ``/predict``."""
+    process: subprocess.Popen[bytes]
+    log: Path
+    facts: dict[str, Any]
+    """Its command, log and seconds until ready; once stopped, the stop's seconds and what
+    had to be killed."""
+
+    def check(self) -> None:
+        """TargetError if it has exited."""
+        if self.process.poll() is not None:
+            raise TargetError(f"exited with status {self.process.returncode}:\n{tail(self.log)}")
+
+
+@contextmanager
+def serving(target: Target, body: str, home: Path, work: Path, log_name: str) -> Iterator[Server]:
+    """Start ``target`` on a free loopback port, its output to ``work/logs/<log_name>.log``;
+    once it answers ``body`` with 200, the block runs; then it is stopped with everything
+    it started (``stop_group``), however the block is left."""
+    port = free_port()
+    argv = command(target.key, port, home, work)
+    log = work / "logs" / f"{log_name}.log"
+    print(f"{target.label}: {target.name}: starting", flush=True)
+    process = start(argv, log, local_env(STAGELINE_HOME=str(home)), ROOT)
+    facts: dict[str, Any] = {"command": " ".join(argv), "log": str(log)}
+    server = Server(f"http://127.0.0.1:{port}/predict", process, log, facts)
+    try:
+        facts["ready_s"] = wait_ready(server.url, body, process, log, READY_TIMEOUT_S)
+        yield server
+    finally:
+        started = time.monotonic()
+        facts["killed"] = stop_group(process)
+        facts["stop_s"] = time.monotonic() - started
+
+
 def wait_ready(
     url: str, body: str, process: subprocess.Popen[bytes], log: Path, timeout_s: float
 ) -> float:
@@ -165,22 +206,35 @@ def tail(log: Path, lines: int = 30) -> str:
         return f"(no log at {log})"
 
 
-def wrk(url: str, connections: int, seconds: float, body: str) -> dict[str, Any]:
-    """One wrk run: what ``wrk_predict.lua`` prints, plus the rate and wrk's own CPU."""
-    argv = ["wrk", "-t1", f"-c{connections}", f"-d{math.ceil(seconds)}s", "--latency",
-            "--timeout", WRK_TIMEOUT, "-s", str(LUA), url]  # fmt: skip
+def wrk(
+    url: str,
+    connections: int,
+    seconds: float,
+    body: str,
+    *,
+    script: Path = LUA,
+    threads: int = 1,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """One wrk run: what ``script`` prints (``wrk_predict.lua``: closed loop), plus the
+    rate and wrk's own CPU. ``env``: settings of the script besides the body."""
+    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{math.ceil(seconds)}s", "--latency",
+            "--timeout", WRK_TIMEOUT, "-s", str(script), url]  # fmt: skip
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=local_env(WRK_BODY=body),
+        env=local_env(WRK_BODY=body, **(env or {})), **OWN_SESSION,
     )  # fmt: skip
     whole = math.ceil(seconds) == seconds
     try:
-        out, err = proc.communicate(timeout=seconds + 30 if whole else seconds)
-    except subprocess.TimeoutExpired:
-        # wrk's -d takes whole seconds; on SIGINT it stops and reports what it has.
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
+        try:
+            out, err = proc.communicate(timeout=seconds + 30 if whole else seconds)
+        except subprocess.TimeoutExpired:
+            # wrk's -d takes whole seconds; on SIGINT it stops and reports what it has.
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=30)
+    finally:
+        stop_group(proc, grace_s=5)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     found = [line for line in out.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not found:
@@ -204,29 +258,16 @@ def measure_server(
     log_name: str = "",
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Start ``target``, measure it at every level, stop it: (rows, facts)."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/predict"
-    argv = command(target.key, port, home, work)
-    log = work / "logs" / f"online-{log_name or target.key}.log"
-    print(f"{target.label}: {target.name}: starting", flush=True)
-    process = start(argv, log, local_env(STAGELINE_HOME=str(home)), ROOT)
     rows: list[dict[str, Any]] = []
-    facts: dict[str, Any] = {"command": " ".join(argv), "log": str(log)}
-    try:
-        facts["ready_s"] = wait_ready(url, body, process, log, READY_TIMEOUT_S)
+    with serving(target, body, home, work, f"online-{log_name or target.key}") as server:
         for c in levels:
             if warmup > 0:
-                wrk(url, c, warmup, body)
-            result = wrk(url, c, seconds, body)
-            if process.poll() is not None:
-                raise TargetError(f"exited with status {process.returncode}:\n{tail(log)}")
+                wrk(server.url, c, warmup, body)
+            result = wrk(server.url, c, seconds, body)
+            server.check()
             rows.append({"target": target.label, "name": target.name, "concurrency": c, **result})
             print(f"  {line(rows[-1])}", flush=True)
-    finally:
-        started = time.monotonic()
-        facts["killed"] = stop(process)
-        facts["stop_s"] = time.monotonic() - started
-    return rows, facts
+    return rows, server.facts
 
 
 def idle_rounds(
@@ -417,6 +458,17 @@ def plot(rows: list[dict[str, Any]], targets: list[Target], results: Path) -> Pa
 # --------------------------------------------------------------------------- main
 
 
+def demo_request(home: Path) -> tuple[PipelineSpec, dict[str, Any], str]:
+    """The shipped spec, one held-out record of the demo under ``home`` (built there on
+    first use), and the single-record ``POST /predict`` body that carries it."""
+    spec = load_spec(ROOT / DEFAULT_SPEC)
+    ensure_demo(spec, home)
+    record = example_record(spec, home)
+    if record is None:
+        raise SystemExit(f"no held-out demo records under {home}: run stageline demo --home {home}")
+    return spec, record, json.dumps({"records": [record]}, default=str)
+
+
 def wrk_version() -> str:
     out = subprocess.run(["wrk", "-v"], capture_output=True, text=True)
     return (out.stdout + out.stderr).split(" Copyright")[0].strip()
@@ -444,12 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("bench.online needs wrk: sudo apt-get install wrk")
     targets = [TARGETS[k] for k in dict.fromkeys(args.targets)]
     home: Path = args.home.resolve()
-    spec = load_spec(ROOT / DEFAULT_SPEC)
-    ensure_demo(spec, home)
-    record = example_record(spec, home)
-    if record is None:
-        raise SystemExit(f"no held-out demo records under {home}: run stageline demo --home {home}")
-    body = json.dumps({"records": [record]}, default=str)
+    spec, record, body = demo_request(home)
     work = scratch(args.results)
     work.mkdir(parents=True, exist_ok=True)
     calls = 20 if args.smoke else D_CALLS

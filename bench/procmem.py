@@ -8,9 +8,11 @@ really holds, and it is what we report as peak memory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +33,14 @@ class Sample:
 
 
 def sample(root: int) -> Sample:
+    """Memory of ``root`` and every process below it."""
+    return sample_pids(descendants(root))
+
+
+def sample_pids(pids: Iterable[int]) -> Sample:
+    """Memory of these processes (those gone by now count nothing)."""
     pss = rss = uss = n = 0
-    for pid in descendants(root):
+    for pid in pids:
         try:
             text = Path(f"/proc/{pid}/smaps_rollup").read_text()
         except OSError:
@@ -46,6 +54,16 @@ def sample(root: int) -> Sample:
             elif line.startswith(("Private_Clean:", "Private_Dirty:")):
                 uss += int(line.split()[1]) * 1024
     return Sample(pss, rss, n, uss)
+
+
+def open_fds(pids: Iterable[int]) -> int:
+    """File descriptors open in these processes: the entries of ``/proc/PID/fd``
+    (sockets, pipes, files, epoll and event fds alike; a process that is gone counts 0)."""
+    n = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            n += len(os.listdir(f"/proc/{pid}/fd"))
+    return n
 
 
 class PeakMemory:

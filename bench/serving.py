@@ -9,20 +9,20 @@ import ray
 from ray import serve
 from ray.serve import Application
 
-from stageline.cli import wait_for_signal
+from stageline.cli import StopSignal
 from stageline.localray import local_ray_options
 
 
 def serve_until_stopped(app: Application, port: int, name: str) -> None:
     """Deploy ``app`` at ``/``, say so on stdout, block until SIGTERM or Ctrl-C, shut down."""
+    stop = StopSignal()
     ray.init(**local_ray_options())
     try:
+        stop.install()  # again: ray.init sets a SIGTERM handler of its own
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(app, name=name, route_prefix="/")
         print(f"serving {name} at http://127.0.0.1:{port}", flush=True)
-        wait_for_signal()
-    except KeyboardInterrupt:
-        pass
+        stop.wait()
     finally:
         print("stopping ...", file=sys.stderr, flush=True)
         serve.shutdown()  # type: ignore[no-untyped-call]

@@ -21,8 +21,8 @@ from ray import serve
 from ray.serve import Application, Deployment
 
 from serve_app.deployment import StageDeployment
-from serve_app.http import ApiKey
-from serve_app.ingress import make_ingress
+from serve_app.http import RETRY_AFTER_S, ApiKey
+from serve_app.ingress import admission_limit, make_ingress
 from stageline.context import resolve_home
 from stageline.registry import parse_model_ref
 from stageline.spec import PipelineSpec, Segment, StageServeSpec, load_spec, resolve_class
@@ -37,10 +37,31 @@ never starts (a stage's ``__init__`` raising) leaves fewer replicas serving. Wit
 new version fails. The price: twice the replicas' resources while a rollout runs
 (override per deployment with ``max_surge_percent`` in a Serve config)."""
 
-OVERLOAD: dict[str, Any] = {"backpressure_config": {"status_code": 503, "retry_after_s": 1}}
-"""A request over the ingress's ``max_queued_requests`` is a 503 with ``Retry-After``,
-answered by Serve before the app sees it (its proxy; in HAProxy mode the replica), as
-plain text. Behind the ingress the same limit of a stage is our JSON 503."""
+SHUTDOWN: dict[str, Any] = {"graceful_shutdown_wait_loop_s": 0.2}
+"""A replica being stopped (a stop, a scale-down, a rollout) checks for requests still
+in flight every 0.2 s instead of Serve's 2 s, so it goes as soon as the last one is
+answered; how long it may wait stays Serve's ``graceful_shutdown_timeout_s``."""
+
+OVERLOAD: dict[str, Any] = {
+    "backpressure_config": {"status_code": 503, "retry_after_s": RETRY_AFTER_S}
+}
+"""A request over a deployment's queue limit (``max_queued_requests``) is a 503 with
+``Retry-After``. Behind the ingress, a stage's is our JSON 503 (the ingress answers it).
+The ingress's own limit is a backstop only (Serve answers it in plain text: its proxy,
+or in HAProxy mode the replica, which HAProxy rewrites to our JSON): the ingress turns
+requests away first (:func:`ingress_max_ongoing`)."""
+
+
+def ingress_max_ongoing(spec: PipelineSpec) -> int:
+    """Serve's ``max_ongoing_requests`` of the ingress.
+
+    The ingress takes :func:`~serve_app.ingress.admission_limit` requests per replica
+    and answers the next at once with our JSON 503 (``AdmissionMiddleware``). Serve's
+    limit per replica is twice that, room for as many rejections under way at once, so
+    a request over capacity meets the ingress's limit, not Serve's (whose 503 is plain
+    text). Serve's ``max_queued_requests`` stays the spec's: a backstop."""
+    limit = admission_limit(spec)
+    return spec.serve.ingress.max_ongoing_requests if limit is None else 2 * limit
 
 
 class AppArgs(BaseModel):
@@ -88,12 +109,13 @@ def build_app(args: AppArgs) -> Application:
             name=INGRESS,
             ray_actor_options={"num_cpus": ingress.num_cpus},
             autoscaling_config=_autoscaling(ingress.autoscaling, ingress.max_ongoing_requests),
-            max_ongoing_requests=ingress.max_ongoing_requests,
+            max_ongoing_requests=ingress_max_ongoing(spec),
             max_queued_requests=ingress.max_queued_requests,
             # Model stages placed inline reload in the ingress replica.
             user_config={k: v for s in inline for k, v in user_config(spec, s, args.model).items()},
             logging_config=_logging(spec),
             **ROLLOUT,
+            **SHUTDOWN,
             **OVERLOAD,
         )
         .options(version=version, _internal=True)
@@ -141,6 +163,7 @@ def deployment(spec: PipelineSpec, segment: Segment, home: str, model: str | Non
         user_config=user_config(spec, segment, model),
         logging_config=_logging(spec),
         **ROLLOUT,
+        **SHUTDOWN,
         **OVERLOAD,
     )
 

@@ -25,7 +25,11 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 REQUEST_ID_HEADER = "x-request-id"
 EXEMPT_PATHS = ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready")
-"""Probes work without the API key: a load balancer has none."""
+"""Probes work without the API key (a load balancer has none), and are answered even at
+capacity (a probe that failed under load would take a busy replica out of service)."""
+RETRY_AFTER_S = 1
+"""What every 503 asks a client to wait before it retries (``Retry-After``)."""
+AT_CAPACITY = "the service is at capacity"
 
 
 class ApiError(Exception):
@@ -46,6 +50,14 @@ class ApiError(Exception):
         self.message = message
         self.details = details or []
         self.headers = headers or {}
+
+
+def unavailable(reason: str) -> ApiError:
+    """The 503 of every cause that passes (a full queue, a dependency down): ``reason``,
+    and when to retry."""
+    return ApiError(
+        503, "unavailable", f"{reason}; retry shortly", headers={"Retry-After": str(RETRY_AFTER_S)}
+    )
 
 
 def error_body(
@@ -222,6 +234,34 @@ class GuardMiddleware:
             "at once, and retry",
             headers={"Connection": "close"},
         )
+
+
+class AdmissionMiddleware:
+    """At most ``limit`` requests in this replica at once; the next one is answered at
+    once with our JSON 503 and ``Retry-After``, before anything reads it.
+
+    Serve's own limits answer with a plain-text 503 (its proxy's queue, or the replica
+    in HAProxy mode): ``build_app`` sets them above this one, so a request over capacity
+    meets this limit first. Probes pass (:data:`EXEMPT_PATHS`)."""
+
+    def __init__(self, app: ASGIApp, *, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or route_path(scope) in EXEMPT_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            response = error_response(unavailable(AT_CAPACITY), request_id_of(scope))
+            await response(scope, receive, send)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
 
 
 class _BodyTooLargeError(Exception):

@@ -38,6 +38,9 @@ from serve_app import _loopback as loopback
 from serve_app.batching import Merger, batch_overrides
 from serve_app.deployment import MeteredChain, freeze_heap, off_loop
 from serve_app.http import (
+    AT_CAPACITY,
+    RETRY_AFTER_S,
+    AdmissionMiddleware,
     ApiError,
     ApiKey,
     GuardMiddleware,
@@ -45,6 +48,7 @@ from serve_app.http import (
     parse_json,
     request_id_of,
     require_json,
+    unavailable,
 )
 from stageline.features import StoreUnavailableError
 from stageline.pipeline import StageChain, predictions, records
@@ -142,6 +146,9 @@ def make_api(spec: PipelineSpec, api_key: ApiKey) -> FastAPI:
         api_key=api_key,
         body_timeout_s=spec.serve.request_timeout_s,
     )
+    limit = admission_limit(spec)
+    if limit is not None:
+        app.add_middleware(AdmissionMiddleware, limit=limit)  # outermost: before the guard
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:
@@ -160,6 +167,15 @@ def make_api(spec: PipelineSpec, api_key: ApiKey) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def admission_limit(spec: PipelineSpec) -> int | None:
+    """Requests one ingress replica takes at once (``max_ongoing_requests`` at work, up
+    to ``max_queued_requests`` more waiting); None when the queue is unbounded (-1)."""
+    ingress = spec.serve.ingress
+    if ingress.max_queued_requests < 0:
+        return None
+    return ingress.max_ongoing_requests + ingress.max_queued_requests
 
 
 def body_schema(spec: PipelineSpec) -> dict[str, Any]:
@@ -316,18 +332,18 @@ def make_ingress(spec: PipelineSpec, home: str, api_key: ApiKey) -> Any:
                     f"no answer within the {self.timeout_s:g} s deadline; retry later",
                 ) from None
             except BackPressureError:
-                raise self._unavailable("the service is at capacity") from None
+                raise unavailable(AT_CAPACITY) from None
             except DeploymentUnavailableError:
-                raise self._unavailable("a pipeline stage is not available yet") from None
+                raise unavailable("a pipeline stage is not available yet") from None
             except (RayActorError, RayServeException) as e:
                 if not replica_died(e):
                     raise
                 # A stage replica died with this batch on it (killed, OOM, node lost): Serve
                 # replaces it, and a retry goes to another replica. Not the client's fault.
                 log.warning("a stage replica died under this batch: %s", e)
-                raise self._unavailable("a pipeline stage replica failed") from None
+                raise unavailable("a pipeline stage replica failed") from None
             except StoreUnavailableError as e:
-                raise self._unavailable(f"the feature store is unavailable: {e}") from None
+                raise unavailable(f"the feature store is unavailable: {e}") from None
 
         async def _chain(
             self, rows: list[dict[str, Any]], issued: list[Response], abandoned: threading.Event
@@ -350,12 +366,6 @@ def make_ingress(spec: PipelineSpec, home: str, api_key: ApiKey) -> Any:
             if pending is not None:
                 current = records(predictions(await pending, self.spec))
             return cast(list[dict[str, Any]], current)
-
-        @staticmethod
-        def _unavailable(message: str) -> ApiError:
-            return ApiError(
-                503, "unavailable", f"{message}; retry shortly", headers={"Retry-After": "1"}
-            )
 
         async def _records(self, request: Request) -> list[dict[str, Any]]:
             require_json(request.headers.get("content-type"))
@@ -523,7 +533,10 @@ def make_ingress(spec: PipelineSpec, home: str, api_key: ApiKey) -> Any:
                 await self._statuses()
             except Exception as e:  # any failure to answer means not ready
                 raise ApiError(
-                    503, "not_ready", f"not every stage is ready: {e}", headers={"Retry-After": "1"}
+                    503,
+                    "not_ready",
+                    f"not every stage is ready: {e}",
+                    headers={"Retry-After": str(RETRY_AFTER_S)},
                 ) from None
 
         @app.get("/models", summary="Models served, their versions and the request schema")

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shlex
+import signal
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +18,25 @@ import ray
 from ray import serve
 
 from serve_app.app import AppArgs, build_app
+from serve_app.http import (
+    AT_CAPACITY,
+    REQUEST_ID_HEADER,
+    RETRY_AFTER_S,
+    ApiError,
+    error_body,
+    unavailable,
+)
 from stageline._io import atomic_write_bytes
-from stageline.localray import free_port, local_ray_options, serve_record_path
-from stageline.spec import load_spec
+from stageline.localray import (
+    descendants,
+    local_ray_options,
+    process_name,
+    serve_record_path,
+    tcp_sockets,
+)
+from stageline.spec import PipelineSpec, load_spec
+
+log = logging.getLogger(__name__)
 
 SERVE_SETTINGS = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 """Serve runs the app's code on each replica's own event loop (as in Serve's
@@ -29,6 +49,19 @@ clients, 1,403 against 1,028 at 32."""
 HAPROXY_MODE = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
 """Ray Serve's HAProxy mode: HAProxy takes HTTP straight to the ingress replicas, each
 of which serves HTTP itself; no Python proxy in the path."""
+
+HAPROXY_RETRY = {
+    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
+    "RAY_SERVE_HAPROXY_RETRIES": "3",
+}
+"""HAProxy tries a request again on another ingress replica (``option redispatch 1`` in
+Serve's config) when its replica refused the connection or closed it without an answer,
+up to 3 times. That is what a client sees of a replica that dies (killed, OOM) with
+requests in flight; a prediction has no side effects, so running one twice is safe.
+Serve's default retries connection failures only, and each request in flight on a
+dead replica failed. A retry needs the whole request kept (``option http-buffer-request``
+in :func:`haproxy_rules`), so a request over HAProxy's buffer (16 KB; about 80 records)
+is not retried. Nor is a replica's answer, even a 503: a full queue stays a fast 503."""
 
 FILL_FIRST = 16
 """Requests in flight on an ingress replica before HAProxy sends any to the next one
@@ -44,19 +77,45 @@ last take up to this many requests, and the last takes the rest, so nothing ever
 waits in HAProxy's queue."""
 
 # Ray's HAProxy template binds its stats and Prometheus ports on every interface; this
-# wrapper moves those two (and only those) to 127.0.0.1 before HAProxy reads its config.
+# wrapper moves those two (and only those) to Unix sockets beside HAProxy's config (one
+# folder per node), so no TCP port is picked for them and two servers never collide.
+# HAProxy gets a parent-death signal: when the Ray worker that started it dies, however
+# it dies, HAProxy ends too instead of holding the HTTP port.
+# It adds stageline's rules (:func:`haproxy_rules`: requests kept for a retry, and every
+# error HAProxy answers itself, or a replica's plain-text 503, in our JSON shape), once:
+# in place of Ray's `errorfile 50x` lines (a plain-text 500) and atop the HTTP frontend.
 # With $STAGELINE_HAPROXY_FILL > 0 it also caps every replica but the last of each
 # backend at that many requests in flight and balances with `first` (HAProxy's
 # fill-in-order algorithm); where no backend has two replicas, balancing is left as is.
+# Ray internals this relies on (ray/serve/_private/haproxy_templates.py, Ray 2.60): the
+# `defaults` section with Ray's `errorfile 502|503|504` lines, `frontend http_frontend`,
+# `server SERVE_REPLICA_*` lines and `balance leastconn` (tests/e2e/test_haproxy_errors.py
+# checks the template still has them).
 _WRAPPER = """#!/bin/sh
 # Written by stageline serve. Starts HAProxy as Ray Serve asks, with the stats and
-# metrics listeners on 127.0.0.1 only, and replicas filled in order (see FILL_FIRST).
-ports="${RAY_SERVE_HAPROXY_STATS_PORT:-8404}|${RAY_SERVE_HAPROXY_METRICS_PORT:-9101}"
+# metrics listeners on Unix sockets, stageline's retries and JSON errors, and replicas
+# filled in order (see FILL_FIRST).
+stats="${RAY_SERVE_HAPROXY_STATS_PORT:-8404}"
+metrics="${RAY_SERVE_HAPROXY_METRICS_PORT:-9101}"
 fill="${STAGELINE_HAPROXY_FILL:-0}"
 prev=
 for arg in "$@"; do
     if [ "$prev" = -f ]; then
-        sed -i -E "s/^([[:space:]]*bind )[*]?:($ports)$/\\1127.0.0.1:\\2/" "$arg"
+        dir=$(dirname "$arg")
+        bind='s|^([[:space:]]*bind )[*]?:'
+        sed -i -E -e "$bind$stats\\$|\\1unix@$dir/stats.sock mode 600|" \\
+            -e "$bind$metrics\\$|\\1unix@$dir/metrics-http.sock mode 600|" "$arg"
+        awk -v defaults={defaults} -v frontend={frontend} '
+            NR == FNR { if ($0 ~ /^[ \\t]*# stageline: added/) done = 1; next }
+            !done && /^[ \\t]*errorfile 50[234] / { next }
+            { print }
+            !done && /^defaults([ \\t]|$)/ { insert(defaults) }
+            !done && /^frontend http_frontend([ \\t]|$)/ { insert(frontend) }
+            function insert(file,  line) {
+                while ((getline line < file) > 0) print line
+                close(file)
+            }
+        ' "$arg" "$arg" > "$arg.rules" && mv "$arg.rules" "$arg"
         if [ "$fill" -gt 0 ] 2>/dev/null; then
             awk -v fill="$fill" '
                 NR == FNR {
@@ -76,8 +135,67 @@ for arg in "$@"; do
     fi
     prev=$arg
 done
+if command -v setpriv >/dev/null; then
+    exec setpriv --pdeathsig TERM -- {binary} "$@"
+fi
 exec {binary} "$@"
 """
+
+
+_REQUEST_ID_VAR = "txn.stageline_request_id"
+_MARKER = "    # stageline: added by serve_app.local.haproxy_rules"
+
+
+def haproxy_rules() -> tuple[str, str]:
+    """HAProxy config lines ``stageline serve`` adds to Serve's: (for ``defaults``, for
+    the HTTP frontend), as :data:`_WRAPPER` puts them in.
+
+    - A request is read whole before it goes to a replica, and kept, so HAProxy can send
+      it again to another replica (:data:`HAPROXY_RETRY`). Otherwise the body may still
+      be arriving when the request goes on, and only a failed connection is retried.
+    - HAProxy's own errors are ours: its 503 (no replica up, or none reachable) and its
+      502 (every try failed: replicas died under the request) are our JSON 503 with
+      ``Retry-After``, its 504 (no answer in time) our 504.
+    - A replica's plain-text 503 (Serve's own queue limit, a backstop: see
+      ``serve_app.app.ingress_max_ongoing``) becomes ours; the app's JSON passes as is.
+    - The request id is the client's ``X-Request-ID``, else one HAProxy makes and hands
+      to the replica (as Ray's own HAProxy config does when it routes in Lua), so an
+      error's body, its header and the replica's logs name the same request."""
+    header = REQUEST_ID_HEADER
+    rid = f'hdr {header} "%[var({_REQUEST_ID_VAR})]"'
+    retry = f"hdr retry-after {RETRY_AFTER_S} {rid}"
+    no_replica = unavailable("no replica could take the request")
+    died = unavailable("a replica failed under the request")
+    late = ApiError(504, "deadline_exceeded", "no answer in time; retry later")
+    defaults = [
+        _MARKER,
+        "    option http-buffer-request",
+        f"    http-error status 502 {_lf_json(died)} {retry}",
+        f"    http-error status 503 {_lf_json(no_replica)} {retry}",
+        f"    http-error status 504 {_lf_json(late)} {rid}",
+    ]
+    frontend = [
+        _MARKER,
+        f"    http-request set-header {header} %[uuid] if !{{ req.hdr({header}) -m found }}",
+        f"    http-request set-var({_REQUEST_ID_VAR}) req.hdr({header})",
+        f"    http-response return status 503 {_lf_json(unavailable(AT_CAPACITY))} {retry} "
+        "if { status 503 } !{ res.hdr(content-type) -i -m beg application/json }",
+        # The 502 of a request every try failed is a 503: a retry later is what helps.
+        "    http-after-response set-status 503 if { status 502 }",
+    ]
+    return "\n".join(defaults) + "\n", "\n".join(frontend) + "\n"
+
+
+def _lf_json(error: ApiError) -> str:
+    """``content-type application/json lf-string "..."``: the body of ``error``, with the
+    request id filled in by HAProxy (JSON-escaped), quoted for HAProxy's config."""
+    placeholder = "REQUEST-ID"
+    body = error_body(error.status, error.code, error.message, placeholder, error.details)
+    text = json.dumps(body, separators=(",", ":"))
+    for char in ("\\", '"', "$"):  # HAProxy's escapes inside double quotes
+        text = text.replace(char, "\\" + char)
+    text = text.replace("%", "%%").replace(placeholder, f"%[var({_REQUEST_ID_VAR}),json(utf8s)]")
+    return f'content-type application/json lf-string "{text}"'
 
 
 def serve_env(run_dir: Path | None = None) -> dict[str, str]:
@@ -96,21 +214,29 @@ def serve_env(run_dir: Path | None = None) -> dict[str, str]:
     run_dir = run_dir or Path(tempfile.gettempdir()) / f"stageline-{os.getuid()}"
     run_dir.mkdir(parents=True, exist_ok=True)
     wrapper = run_dir / "haproxy"
+    rules = dict(zip(("defaults", "frontend"), haproxy_rules(), strict=True))
     text = _WRAPPER.replace("{binary}", shlex.quote(binary))
-    if not wrapper.exists() or wrapper.read_text() != text:
-        atomic_write_bytes(wrapper, text.encode())
+    for section, lines in rules.items():
+        path = run_dir / f"haproxy-{section}.cfg"
+        _write_if_changed(path, lines)
+        text = text.replace("{" + section + "}", shlex.quote(str(path)))
+    _write_if_changed(wrapper, text)
     wrapper.chmod(0o755)
     return {
         **SERVE_SETTINGS,
         **HAPROXY_MODE,
         "RAY_SERVE_HAPROXY_BINARY_PATH": str(wrapper),
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
         "STAGELINE_HAPROXY_FILL": str(FILL_FIRST),
+        **HAPROXY_RETRY,
         # HAProxy on this node drops a stopping replica within a reload (~0.1 s); Serve's
         # 30 s default is for load balancers elsewhere, and would hold every stop 30 s.
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
     }
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    if not path.exists() or path.read_text() != text:
+        atomic_write_bytes(path, text.encode())
 
 
 def start(
@@ -162,15 +288,61 @@ def app_running(name: str) -> bool:
     return name in serve.status().applications
 
 
-def stop(home: Path | None = None) -> None:
-    """Shut down Serve and the local Ray this process started."""
+DRAIN_CAP_S = 6.0
+"""The longest a stop waits for requests in flight, whatever the request deadline."""
+
+
+def drain_budget(spec: PipelineSpec) -> float:
+    """How long a stop waits for requests in flight: one request deadline and a little
+    (every request is answered by then, with its prediction or its 504), at most
+    :data:`DRAIN_CAP_S`."""
+    return min(spec.serve.request_timeout_s + 0.5, DRAIN_CAP_S)
+
+
+def drain(port: int, timeout_s: float) -> bool:
+    """Stop taking requests and let those in flight finish, for up to ``timeout_s``.
+
+    In HAProxy mode, each HAProxy of this server gets SIGUSR1, its soft stop: it closes
+    its listener at once (a new connection is refused, never half-answered), answers
+    every request it has taken and closes each client connection after its response.
+    The drain is over when no HAProxy holds a client connection on ``port`` any more
+    (one may linger a while after that, on connections of its own: Ray's stop ends it).
+    True when that happened in time. With Serve's own proxy there is nothing to do
+    here: ``serve.shutdown`` drains it."""
+    haproxies = [p for p in descendants(os.getpid()) if process_name(p) == "haproxy"]
+    for pid in haproxies:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not any(_clients(pid, port) for pid in haproxies):
+            return True
+        time.sleep(0.05)
+    left = {pid: n for pid in haproxies if (n := _clients(pid, port))}
+    log.warning("drain deadline passed with client connections still open: %s", left)
+    return False
+
+
+def _clients(pid: int, port: int) -> int:
+    """Client connections process ``pid`` holds on its listening ``port``."""
+    return sum(1 for _a, p, state, _pid in tcp_sockets([pid]) if p == port and state != "0A")
+
+
+def stop(home: Path | None = None, serve_timeout_s: float | None = None) -> None:
+    """Shut down Serve and the local Ray this process started.
+
+    ``serve_timeout_s``: how long Serve may take to stop its replicas (each runs its
+    shutdown hooks) before Ray is stopped under them; None waits for Serve."""
     if home is not None:
         serve_record_path(home).unlink(missing_ok=True)
-    if ray.is_initialized():
-        try:
-            serve.shutdown()  # type: ignore[no-untyped-call]
-        finally:
-            ray.shutdown()
+    if not ray.is_initialized():
+        return
+    try:
+        shutdown = threading.Thread(target=serve.shutdown, name="serve-shutdown", daemon=True)
+        shutdown.start()
+        shutdown.join(serve_timeout_s)
+    finally:
+        ray.shutdown()
 
 
 def example_curl(url: str, record: dict[str, Any]) -> str:

@@ -9,20 +9,25 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from stageline import localray
+from stageline import localray, supervisor
 from stageline.context import HOME_ENV, resolve_home
 from stageline.features import FeatureStoreError, materialize
 from stageline.registry import LocalRegistry, RegistryError, parse_model_ref
 from stageline.spec import REDIS_PASSWORD_ENV, PipelineSpec, SpecError, load_spec
 from stageline.stage import StageError
+
+if TYPE_CHECKING:
+    from serve_app import AppArgs
 
 DEFAULT_SPEC = "pipelines/fraud.yaml"
 EXPECTED = (SpecError, StageError, RegistryError, FeatureStoreError, OSError, ValueError)
@@ -34,7 +39,9 @@ class CliError(Exception):
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     logging.basicConfig(level=logging.WARNING, format="stageline: %(levelname)s: %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()
@@ -326,11 +333,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_batch(args: argparse.Namespace) -> int:
     spec, home = _load(args), resolve_home(args.home)
     ensure_demo(spec, home)
+    if not os.environ.get(supervisor.RUN_ENV):
+        return supervise(args, home, "batch")
     from batch_app.run import connect, run
 
+    stop = StopSignal(interrupt=True)
     connected = connect(args.address, num_cpus=args.num_cpus)
+    stop.install()  # again: ray.init sets a SIGTERM handler of its own
     try:
         summary = run(spec, args.input, args.output, home, full=args.full)
+    except KeyboardInterrupt:
+        raise CliError(
+            "stopped: nothing of this run was published; the next run scores its input again"
+        ) from None
     finally:
         if connected:
             ray_disconnect()
@@ -421,50 +436,108 @@ def cmd_registry_alias(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     spec, home = _load(args), resolve_home(args.home)
+    if os.environ.get(supervisor.RUN_ENV) is None and args.model:
+        # Before serve_app imports Ray: connecting to a running server needs settings
+        # Ray reads at import.
+        running = localray.running_server(home)
+        if running is not None:
+            return swap_model(args, spec, home, running)
+    if os.environ.get(supervisor.RUN_ENV):
+        return run_server(args, spec, home)
+    # The server runs in a child of its own session (see supervise).
     ensure_demo(spec, home)
-    # Before serve_app imports Ray: connecting to a running server needs settings Ray
-    # reads at import.
-    running = localray.running_server(home) if args.model else None
-    from serve_app import AppArgs, local
+    for _path, other in supervisor.records(home / "run", "serve"):
+        if other.running:
+            raise CliError(
+                f"a stageline serve for {home} is already running (pid {other.pid}); stop "
+                "it first, or swap its model with --model"
+            )
+    localray.check_port_free(args.host, args.port, "--port")
+    localray.check_port_free("127.0.0.1", args.metrics_port, "--metrics-port")
+    return supervise(args, home, "serve")
 
-    app_args = AppArgs(
+
+STOP_TIMEOUT_S = 9.5
+"""From a stop signal to the server's exit; past it the supervisor kills what is left.
+The server drains first (:func:`serve_app.local.drain_budget`), then stops Ray."""
+
+
+def supervise(args: argparse.Namespace, home: Path, kind: str) -> int:
+    """Run this very command again as a supervised child (stageline.supervisor): this
+    process stays light (no Ray) and is the one signals reach; the child runs Ray."""
+    folder = home / "run"
+    killed = supervisor.clear_stale(folder, kind, grace_s=STOP_TIMEOUT_S)
+    if killed:
+        print(f"ended {len(killed)} process(es) a previous {kind} left", file=sys.stderr)
+    child = [sys.executable, "-m", "stageline.cli", *args.argv]
+    run = supervisor.Supervisor(child, folder=folder, kind=kind, stop_timeout_s=STOP_TIMEOUT_S)
+    return run.run()
+
+
+def swap_model(
+    args: argparse.Namespace, spec: PipelineSpec, home: Path, running: dict[str, Any]
+) -> int:
+    """``stageline serve --model REF`` while a server runs for the home: swap in place."""
+    from serve_app import local
+
+    local.attach(running)
+    try:
+        if not local.app_running(spec.name):
+            raise CliError(f"the Ray at {running['url']} runs no {spec.name!r} app")
+        local.deploy(_app_args(args, home))
+    finally:
+        ray_disconnect()
+    return report_models(str(running["url"]), args.model)
+
+
+def _app_args(args: argparse.Namespace, home: Path) -> AppArgs:
+    from serve_app import AppArgs
+
+    return AppArgs(
         spec=args.spec,
         home=str(home),
         model=args.model,
         api_key_file=args.api_key_file,
         online=args.online,
     )
-    if running is not None:
-        local.attach(running)
-        try:
-            if not local.app_running(spec.name):
-                raise CliError(f"the Ray at {running['url']} runs no {spec.name!r} app")
-            local.deploy(app_args)
-        finally:
-            ray_disconnect()
-        return report_models(str(running["url"]), args.model)
+
+
+def run_server(args: argparse.Namespace, spec: PipelineSpec, home: Path) -> int:
+    """The supervised server: Ray, Serve and the app until SIGTERM or SIGINT, then a
+    drain (requests in flight are answered) and a stop of everything it started."""
+    from serve_app import local
+
+    stop = StopSignal()
     print(f"starting Ray and the {spec.name!r} app ...", file=sys.stderr)
     try:
         url = local.start(
-            app_args,
+            _app_args(args, home),
             home=home,
             host=args.host,
             port=args.port,
             num_cpus=args.num_cpus,
             metrics_port=args.metrics_port,
         )
-        example = example_record(spec, home)
-        print(f"serving {spec.name} at {url}  (docs: {url}/docs)")
-        print(f"metrics: http://127.0.0.1:{args.metrics_port}/metrics (Prometheus)")
-        if example is not None:
-            print(local.example_curl(url, example))
-        print("Ctrl-C to stop", flush=True)
-        wait_for_signal()
-    except KeyboardInterrupt:
-        pass
+        stop.install()
+        if not stop.received:
+            example = example_record(spec, home)
+            print(f"serving {spec.name} at {url}  (docs: {url}/docs)")
+            print(f"metrics: http://127.0.0.1:{args.metrics_port}/metrics (Prometheus)")
+            if example is not None:
+                print(local.example_curl(url, example))
+            print("Ctrl-C to stop", flush=True)
+            stop.wait()
+        print("stopping: draining requests in flight ...", file=sys.stderr, flush=True)
+        drained = local.drain(args.port, local.drain_budget(spec))
+        print(
+            f"drained in {stop.elapsed():.1f} s" if drained else "drain deadline passed",
+            file=sys.stderr,
+            flush=True,
+        )
     finally:
-        print("stopping ...", file=sys.stderr)
-        local.stop(home)
+        # What is left of the stop budget, less a margin for Ray's own stop.
+        local.stop(home, serve_timeout_s=max(1.0, STOP_TIMEOUT_S - 4.0 - stop.elapsed()))
+        print(f"stopped in {stop.elapsed():.1f} s", file=sys.stderr, flush=True)
     return 0
 
 
@@ -498,16 +571,46 @@ def ray_disconnect() -> None:
     ray.shutdown()
 
 
-def wait_for_signal() -> None:
-    """Block until Ctrl-C or SIGTERM (turned into KeyboardInterrupt for a clean stop)."""
-    import signal
+class StopSignal:
+    """SIGTERM and SIGINT, noted (``interrupt``: also raised as KeyboardInterrupt): set
+    up before Ray starts, so a stop that arrives while it starts is not lost, and
+    installed explicitly, so it works even where the parent ignored SIGINT (a background
+    job, nohup)."""
 
-    def interrupt(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
+    def __init__(self, *, interrupt: bool = False) -> None:
+        import threading
 
-    signal.signal(signal.SIGTERM, interrupt)
-    while True:
-        time.sleep(3600)
+        self._event = threading.Event()
+        self._at: float | None = None
+        self._interrupt = interrupt
+        self.install()
+
+    def install(self) -> None:
+        """(Again:) Ray's core worker sets a SIGTERM handler of its own in ``ray.init``,
+        which prints a stack trace and ends the process at once."""
+        import signal
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._received)
+
+    def _received(self, _signum: int, _frame: object) -> None:
+        if self._at is None:
+            self._at = time.monotonic()
+        self._event.set()
+        if self._interrupt:
+            raise KeyboardInterrupt
+
+    def elapsed(self) -> float:
+        """Seconds since the first stop signal (0 before it)."""
+        return 0.0 if self._at is None else time.monotonic() - self._at
+
+    @property
+    def received(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self) -> None:
+        while not self._event.wait(timeout=1.0):
+            pass
 
 
 def example_record(spec: PipelineSpec, home: Path) -> dict[str, object] | None:

@@ -236,8 +236,9 @@ def descendants(root: int) -> list[int]:
     return found
 
 
-def listening(pids: list[int]) -> list[tuple[str, int, int]]:
-    """``(address, port, pid)`` of every TCP socket these processes listen on."""
+def tcp_sockets(pids: list[int]) -> list[tuple[str, int, str, int]]:
+    """``(address, port, state, pid)`` of every TCP socket these processes hold (Linux
+    ``/proc``; state as the kernel names it in hex: ``0A`` listening, ``01`` established)."""
     owner: dict[str, int] = {}
     for pid in pids:
         with contextlib.suppress(OSError):
@@ -251,11 +252,15 @@ def listening(pids: list[int]) -> list[tuple[str, int, int]]:
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
                 fields = line.split()
-                if fields[3] != "0A" or fields[9] not in owner:  # 0A: LISTEN
-                    continue
-                address, port = fields[1].split(":")
-                found.append((_address(address), int(port, 16), owner[fields[9]]))
+                if fields[9] in owner:
+                    address, port = fields[1].split(":")
+                    found.append((_address(address), int(port, 16), fields[3], owner[fields[9]]))
     return sorted(found)
+
+
+def listening(pids: list[int]) -> list[tuple[str, int, int]]:
+    """``(address, port, pid)`` of every TCP socket these processes listen on."""
+    return [(a, port, pid) for a, port, state, pid in tcp_sockets(pids) if state == "0A"]
 
 
 def process_name(pid: int) -> str:
@@ -288,3 +293,18 @@ def _address(hex_address: str) -> str:
     words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
     text = socket.inet_ntop(socket.AF_INET6, words)
     return text.removeprefix("::ffff:")
+
+
+def check_port_free(host: str, port: int, option: str) -> None:
+    """Raise a one-line error when ``host:port`` is taken, before anything starts that
+    would fail on it with a long traceback. (A check, not a reservation: what binds the
+    port later still reports its own failure.)"""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise OSError(
+                f"port {port} on {host} is in use ({e.strerror}); stop what holds it "
+                f"or choose another with {option}"
+            ) from None

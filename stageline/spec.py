@@ -348,7 +348,8 @@ class IngressSpec(_Config):
     autoscaling: AutoscalingSpec = AutoscalingSpec()
     max_ongoing_requests: int = Field(default=256, ge=1)
     max_queued_requests: int = Field(default=512, ge=-1)
-    """Requests beyond this wait nowhere: they get a 503 with Retry-After."""
+    """Requests one replica holds beyond ``max_ongoing_requests``: it takes the sum at
+    once, and the next ones wait nowhere (a 503 with Retry-After at once). -1: no limit."""
     batch: BatchingSpec | None = BatchingSpec(max_size=64, wait_ms=0.0)
     """Concurrent requests merged into one frame before the first stage, so every stage
     (inline or behind a handle) runs once per batch, not once per request. With

@@ -19,6 +19,7 @@ from stageline import Pipeline
 from stageline.demo.train import DemoResult, build_demo
 from stageline.localray import free_port as free_port  # re-exported for the tests
 from stageline.spec import PipelineSpec, load_spec
+from tests.support.processes import OWN_SESSION, interrupt_on_sigterm, stop_group
 
 if TYPE_CHECKING:
     from tests.multinode import Cluster
@@ -28,6 +29,12 @@ FRAUD_SPEC = ROOT / "pipelines" / "fraud.yaml"
 
 # Small enough to build in ~1 s, large enough for the model to learn the rule.
 SMALL_DEMO = {"customers": 800, "transactions": 20_000, "days": 30, "rounds": 60}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Tests start their processes in sessions of their own: a SIGTERM to this run (CI
+    # cancelling, `timeout`) must interrupt it, so that they are stopped too.
+    interrupt_on_sigterm()
 
 
 @pytest.fixture(scope="session")
@@ -105,6 +112,7 @@ def ray_session() -> Iterator[None]:
     for key, value in SERVE_SETTINGS.items():
         os.environ.setdefault(key, value)
     ray.init(**local_ray_options(num_cpus=8, object_store_mb=256), log_to_driver=False)
+    interrupt_on_sigterm()  # ray.init put its own handler (sys.exit) in its place
     try:
         yield
     finally:
@@ -145,7 +153,7 @@ def fraud_url(serve_base: str, demo_home: Path) -> str:
 
 class RedisServer:
     """A real redis-server on a free loopback port, in its own folder; this test
-    session's own process, stopped by its pid."""
+    session's own process, in a session of its own (tests/support/processes.py)."""
 
     def __init__(self, workdir: Path, *args: str) -> None:
         self.port = free_port()
@@ -163,7 +171,7 @@ class RedisServer:
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
              "--dir", str(self.workdir), "--appendonly", "yes", "--appendfsync", "always",
              "--save", "", *self.args],
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, **OWN_SESSION,
         )  # fmt: skip
         # Ready means answering PING, not merely listening: a restarted server
         # refuses reads while it loads its append-only file.
@@ -179,12 +187,12 @@ class RedisServer:
                 except OSError:
                     pass
             time.sleep(0.05)
+        self.stop()
         raise RuntimeError(f"redis-server did not become ready on port {self.port}")
 
     def stop(self) -> None:
         if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
+            stop_group(self.process, grace_s=10)
             self.process = None
 
     def pause(self) -> None:

@@ -29,6 +29,7 @@ from stageline.demo.train import DemoResult
 from stageline.localray import LocalCluster, LocalNode, free_port
 from tests.conftest import FRAUD_SPEC, ROOT, RedisServer
 from tests.integration.serve_helpers import wait_for
+from tests.support.processes import OWN_SESSION, stop_group
 
 TIMEOUT = 30.0
 FIXTURE = "multinode"
@@ -83,6 +84,7 @@ class Cluster:
         holder = subprocess.Popen(
             [sys.executable, "-c", _HOLD_HEAD, self.ray.address],
             env=self.ray.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            **OWN_SESSION,
         )  # fmt: skip
         assert holder.stdin is not None
         assert holder.stdout is not None
@@ -92,7 +94,10 @@ class Cluster:
             yield float(line.split()[1])
         finally:
             holder.stdin.close()  # the driver exits, and its placement group goes with it
-            holder.wait(timeout=60)
+            try:
+                holder.wait(timeout=60)
+            finally:
+                stop_group(holder)
 
     # -- Serve --------------------------------------------------------------------
 

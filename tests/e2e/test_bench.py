@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import pytest
 from bench.processes import NOT_INHERITED, local_env
 from stageline.demo.train import DemoResult
 from tests.conftest import ROOT
+from tests.support.processes import spawned
 
 pytestmark = pytest.mark.e2e
 
@@ -33,14 +33,16 @@ def smoke(name: str, results: Path, home: Path, timeout: float) -> dict[str, Any
     argv = [sys.executable, "-m", f"bench.{name}", "--smoke", "--results", str(results)]
     if name != "hop":
         argv += ["--home", str(home)]
-    run = subprocess.run(
-        argv, cwd=ROOT, env=local_env(), capture_output=True, text=True, timeout=timeout
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    out, err = results / f"{name}.out", results / f"{name}.err"
+    # A benchmark starts servers of its own: on a timeout they are stopped with it.
+    with spawned(argv, out, local_env(), cwd=ROOT, stderr_log=err) as bench:
+        code = bench.wait(timeout=timeout)
+    stdout, stderr = out.read_text(), err.read_text()
+    assert code == 0, stdout[-3000:] + stderr[-5000:]
     markdown = (results / f"{name}.md").read_text()
     assert markdown.startswith(f"# {name}")
     assert "\n|---|" in markdown
-    assert markdown in run.stdout, "the table is printed too"
+    assert markdown in stdout, "the table is printed too"
     record: dict[str, Any] = json.loads((results / f"{name}.json").read_text())
     assert record["config"]["smoke"] is True
     assert record["machine"]["versions"]["ray"]
@@ -83,10 +85,13 @@ def test_batch_smoke(tmp_path: Path, bench_home: Path) -> None:
     assert not (tmp_path / "tmp" / "out").exists(), "the outputs are cleaned up"
 
 
-@pytest.mark.skipif(
+needs_wrk = pytest.mark.skipif(
     shutil.which("wrk") is None and os.environ.get("CI") != "true",
     reason="wrk is not installed (apt-get install wrk; scripts/test does)",
 )
+
+
+@needs_wrk
 def test_online_smoke(tmp_path: Path, bench_home: Path) -> None:
     record = smoke("online", tmp_path, bench_home, timeout=600)
     rows = record["rows"]
@@ -108,3 +113,29 @@ def test_online_smoke(tmp_path: Path, bench_home: Path) -> None:
         "A/C p50 at concurrency 1 (median of 1 round)",
     } <= set(summary["ratios"])
     assert (tmp_path / "online.png").stat().st_size > 0
+
+
+@needs_wrk
+def test_soak_smoke(tmp_path: Path, bench_home: Path) -> None:
+    record = smoke("soak", tmp_path, bench_home, timeout=300)
+    rows = record["rows"]
+    assert len(rows) == 6, "a minute, sampled every 10 s"
+    for row in rows:
+        assert all(row[k] > 0 for k in ("rss", "pss", "fds", "requests", "p50_ms")), row
+        assert row["processes"] > 1, row
+        assert row["p99_ms"] >= row["p50_ms"], row
+        assert sum(row["errors"].values()) == 0, row
+    summary = record["summary"]
+    assert summary["peak_rps"] > 0
+    assert 0 < summary["rate"] <= summary["peak_rps"]
+    assert sum(summary["warmup"]["errors"].values()) == 0
+    goals = {v["goal"]: v for v in summary["verdicts"]}
+    assert set(goals) == {
+        "memory flat (RSS)",
+        "memory flat (PSS)",
+        "open file descriptors flat",
+        "p99 steady",
+        "0 errors",
+    }
+    assert goals["0 errors"]["ok"], goals["0 errors"]
+    assert (tmp_path / "soak.png").stat().st_size > 0

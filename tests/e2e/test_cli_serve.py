@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +21,7 @@ from serve_app.local import FILL_FIRST, serve_env
 from stageline.demo.train import DemoResult
 from stageline.localray import descendants, listening
 from tests.conftest import FRAUD_SPEC, free_port, register_challenger
+from tests.support.processes import spawned
 
 pytestmark = pytest.mark.e2e
 
@@ -46,9 +50,38 @@ def swap_model(home: Path, model: str, env: dict[str, str]) -> subprocess.Comple
     )
 
 
-def replica_totals(stats_port: int) -> dict[str, int]:
+def haproxy_stats_socket(server_pid: int) -> Path | None:
+    """The stats listener (a Unix socket beside its config) of the server's HAProxy."""
+    for pid in descendants(server_pid):
+        with contextlib.suppress(OSError):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+            if Path(argv[0]).name == "haproxy" and "-f" in argv:
+                return Path(argv[argv.index("-f") + 1]).parent / "stats.sock"
+    return None
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path) -> None:
+        super().__init__("localhost", timeout=10)
+        self.path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(str(self.path))
+
+
+def replica_totals(server_pid: int) -> dict[str, int]:
     """Requests each ingress replica has taken, from HAProxy's stats page (CSV)."""
-    text = requests.get(f"http://127.0.0.1:{stats_port}/stats;csv", timeout=10).text
+    path = haproxy_stats_socket(server_pid)
+    if path is None:
+        return {}
+    connection = UnixHTTPConnection(path)
+    try:
+        connection.request("GET", "/stats;csv")
+        text = connection.getresponse().read().decode()
+    finally:
+        connection.close()
     header = text.lstrip("# ").splitlines()[0].split(",")
     rows = [dict(zip(header, line.split(","), strict=False)) for line in text.splitlines()[1:]]
     return {r["svname"]: int(r["stot"]) for r in rows if r["svname"].startswith("SERVE_REPLICA_")}
@@ -64,19 +97,14 @@ def test_serve_answers_swaps_models_and_stops_cleanly(
     home = tmp_path / "home"
     shutil.copytree(demo.home, home)
     assert register_challenger(home) == 2
-    port, metrics, stats = free_port(), free_port(), free_port()
+    port, metrics = free_port(), free_port()
     out = tmp_path / "serve.out"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_SERVE_HAPROXY_STATS_PORT": str(stats)}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("STAGELINE_API_KEY", None)
-    with out.open("w") as sink:
-        server = subprocess.Popen(
-            stageline(home, "serve", "--port", str(port), "--metrics-port", str(metrics)),
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
     url = f"http://127.0.0.1:{port}"
-    try:
+    argv = stageline(home, "serve", "--port", str(port), "--metrics-port", str(metrics))
+    # If the test fails, the server and everything it started are stopped on the way out.
+    with spawned(argv, out, env) as server:
         deadline = time.monotonic() + 180
         while f"serving fraud at {url}" not in out.read_text():
             assert server.poll() is None, out.read_text()
@@ -99,18 +127,20 @@ def test_serve_answers_swaps_models_and_stops_cleanly(
         # Replicas are filled in order: one client's requests stay on one (warm) replica,
         # and a load beyond FILL_FIRST requests in flight reaches the other as well.
         until = time.monotonic() + 60
-        while len(before := replica_totals(stats)) < 2 and time.monotonic() < until:
+        while len(before := replica_totals(server.pid)) < 2 and time.monotonic() < until:
             time.sleep(0.5)  # HAProxy learns of each replica as Serve reloads it
         assert len(before) == 2, before  # the shipped two ingress replicas
         for _ in range(20):
             one = requests.post(f"{url}/predict", json={"records": [good_record]}, timeout=30)
             assert one.status_code == 200, one.text
-        alone = {name: n - before[name] for name, n in replica_totals(stats).items()}
+        alone = {name: n - before[name] for name, n in replica_totals(server.pid).items()}
         assert sorted(alone.values()) == [0, 20], alone
         with ThreadPoolExecutor(4 * FILL_FIRST) as pool:
             codes = list(pool.map(lambda _: score(url, good_record), range(16 * FILL_FIRST)))
         assert codes == [200] * len(codes)
-        crowd = {name: n - before[name] - alone[name] for name, n in replica_totals(stats).items()}
+        crowd = {
+            name: n - before[name] - alone[name] for name, n in replica_totals(server.pid).items()
+        }
         assert min(crowd.values()) > 0, crowd
 
         swap = swap_model(home, "fraud@challenger", env)
@@ -124,7 +154,9 @@ def test_serve_answers_swaps_models_and_stops_cleanly(
         assert "fraud@9 did not load; the previous version keeps serving" in missing.stderr
         kept = requests.post(f"{url}/predict", json={"records": [good_record]}, timeout=30)
         assert kept.json()["model"] == {"name": "fraud", "version": 2}
-    finally:
+
+        # Ctrl-C, as a user stops it. The child has SIGINT at its default action even
+        # when this run ignores it (a background job, nohup).
         server.send_signal(signal.SIGINT)
         code = server.wait(timeout=60)
     assert code == 0, out.read_text()
@@ -160,12 +192,12 @@ backend http-other
 @pytest.mark.parametrize("fill", ["16", "0"])
 def test_haproxy_wrapper_fills_replicas_in_order(tmp_path: Path, fill: str) -> None:
     """The config Ray Serve writes, as the wrapper hands it to the real HAProxy (in
-    check mode): stats on loopback; with a fill, every replica of a backend but the
+    check mode): stats on a Unix socket; with a fill, every replica of a backend but the
     last capped at that many requests and ``balance first``; with 0, as Serve wrote it."""
     env = serve_env(tmp_path)
     assert env["STAGELINE_HAPROXY_FILL"] == str(FILL_FIRST)
     config = tmp_path / "haproxy.cfg"
-    config.write_text(SERVE_HAPROXY_CFG.format(stats=env["RAY_SERVE_HAPROXY_STATS_PORT"]))
+    config.write_text(SERVE_HAPROXY_CFG.format(stats=8404))  # Serve's default stats port
     for _ in range(2):  # a restart on the same file changes nothing more
         check = subprocess.run(
             [env["RAY_SERVE_HAPROXY_BINARY_PATH"], "-c", "-f", str(config)],
@@ -176,7 +208,8 @@ def test_haproxy_wrapper_fills_replicas_in_order(tmp_path: Path, fill: str) -> N
         )
         assert check.returncode == 0, check.stdout + check.stderr
     lines = [line.strip() for line in config.read_text().splitlines()]
-    assert f"bind 127.0.0.1:{env['RAY_SERVE_HAPROXY_STATS_PORT']}" in lines
+    # No TCP port for stats: a Unix socket beside the config (one folder per node).
+    assert f"bind unix@{tmp_path}/stats.sock mode 600" in lines
     servers = [line for line in lines if line.startswith("server ")]
     if fill == "0":
         assert "balance leastconn" in lines

@@ -1,17 +1,27 @@
-"""What the online fault tests share: request bodies, Serve's view of replicas, memory."""
+"""What the online fault tests share: request bodies, the two ways HTTP comes in, Serve's
+view of replicas, memory."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
 
 from bench.procmem import sample
-from stageline.localray import descendants
-from tests.conftest import GOOD_RECORD
-from tests.integration.serve_helpers import app_details
+from stageline.localray import descendants, process_name
+from stageline.spec import load_spec
+from tests.conftest import GOOD_RECORD, deploy_app, free_port
+from tests.integration.serve_helpers import app_details, delete_apps
+from tests.support.processes import spawned
 
 Json = dict[str, Any]
 TIMEOUT = 30.0
@@ -61,3 +71,72 @@ def memory_mib(pids: list[int]) -> tuple[float, float]:
         s = sample(pid)
         pss, rss = pss + s.pss, rss + s.rss
     return pss / MIB, rss / MIB
+
+
+MODES = ["serve-proxy", "haproxy"]
+"""Where HTTP comes in: Serve's own Python proxy, in this test session's Ray (one app per
+test), or HAProxy, in a ``stageline serve`` of its own: what ships."""
+
+
+@dataclass(frozen=True)
+class Served:
+    """An app under test, served in one of the :data:`MODES`."""
+
+    mode: str
+    app: str
+    url: str
+    """The app's base URL (``/predict`` is below it)."""
+    server: int | None = None
+    """HAProxy mode: the pid of ``stageline serve``."""
+
+    def ingress_pids(self) -> list[int]:
+        """The processes of the app's running ingress replicas."""
+        if self.server is None:
+            return [r.pid for r in running_replicas(self.app, "ingress")]
+        title = f"ray::ServeReplica:{self.app}:ingress"
+        return [p for p in descendants(self.server) if _title(p) == title]
+
+    def front_pids(self) -> list[int]:
+        """What takes HTTP in front of the replicas: Serve's proxy, or HAProxy."""
+        if self.server is None:
+            return proxy_pids()
+        return [p for p in descendants(self.server) if process_name(p) == "haproxy"]
+
+
+@contextmanager
+def served(
+    mode: str, app: str, spec: Path, request: pytest.FixtureRequest, workdir: Path
+) -> Iterator[Served]:
+    """``spec`` served in ``mode`` (see :data:`MODES`) until the block ends.
+
+    Serve-proxy mode deploys it as ``app`` into the session's Ray (the fixtures are
+    asked for only then). HAProxy mode starts ``stageline serve`` on a copy of the demo
+    home (the app is named after the spec), and stops it, with everything it started,
+    when the block is left."""
+    if mode == "serve-proxy":
+        base = request.getfixturevalue("serve_base")
+        home = request.getfixturevalue("demo_home")
+        url = deploy_app(base, app, spec=str(spec), home=str(home))
+        try:
+            yield Served(mode, app, url)
+        finally:
+            delete_apps([app])
+        return
+    app = load_spec(spec).name
+    home = workdir / "home"
+    shutil.copytree(request.getfixturevalue("demo").home, home)
+    port, metrics = free_port(), free_port()
+    url = f"http://127.0.0.1:{port}"
+    argv = [sys.executable, "-m", "stageline.cli", "serve", "--spec", str(spec)]
+    argv += ["--home", str(home), "--port", str(port), "--metrics-port", str(metrics)]
+    env = {k: v for k, v in os.environ.items() if k != "STAGELINE_API_KEY"}
+    log = workdir / "serve.out"
+    with spawned(argv, log, {**env, "PYTHONUNBUFFERED": "1"}) as server:
+        deadline = time.monotonic() + 180
+        while f"serving {app} at {url}" not in log.read_text():
+            assert server.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        yield Served(mode, app, url, server.pid)
+        server.terminate()  # a clean stop, as an operator's
+        server.wait(timeout=60)

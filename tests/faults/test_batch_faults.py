@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -35,6 +34,7 @@ from stageline.spec import DATETIME_MAX, DATETIME_MIN, load_spec
 from tests.conftest import FRAUD_SPEC, SMALL_DEMO
 from tests.integration.serve_helpers import wait_for
 from tests.multinode import Cluster
+from tests.support.processes import spawned
 
 pytestmark = pytest.mark.faults
 
@@ -315,9 +315,7 @@ def test_driver_killed_midway_then_rerun_leaves_complete_output_without_duplicat
     argv += ["--home", str(demo_home), "--input", str(source), "--output", str(output)]
     log = tmp_path / "driver.log"
     started = time.monotonic()
-    with log.open("w") as sink:
-        driver = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, env=env)
-    try:
+    with spawned(argv, log, env) as driver:
         deadline = time.monotonic() + 180
         while not staged(output):
             assert driver.poll() is None, log.read_text()
@@ -325,7 +323,6 @@ def test_driver_killed_midway_then_rerun_leaves_complete_output_without_duplicat
             time.sleep(0.05)
         # The first scored batch is staged; Ray Data's backpressure keeps the rest
         # of the 250,000 rows from running far ahead of the writer.
-    finally:
         driver.send_signal(signal.SIGKILL)
         driver.wait()
     killed_after = time.monotonic() - started
@@ -347,3 +344,47 @@ def test_driver_killed_midway_then_rerun_leaves_complete_output_without_duplicat
     assert (again.files, again.rows_in) == (5, 250_000)
     assert (lost, duplicated) == (0, 0)
     assert not any((output / STAGING).iterdir())
+
+
+def test_batch_stopped_by_sigterm_to_its_group_publishes_nothing_and_the_next_run_continues(
+    ray_session: None, demo_home: Path, tmp_path: Path
+) -> None:
+    """``stageline batch`` with a Ray of its own, stopped as a scheduler stops a job (SIGTERM
+    to its process group) once it has staged its first batch: it stops within the stop
+    budget, says so, publishes nothing, leaves no process behind, and the next run
+    scores every row exactly once."""
+    from stageline.cli import STOP_TIMEOUT_S
+    from stageline.supervisor import records, run_processes
+
+    source, output = tmp_path / "in", tmp_path / "out"
+    frame = landing(source, 200_000, files=4)
+    spec = small_batches(tmp_path / "spec")
+    home = tmp_path / "home"
+    shutil.copytree(demo_home, home)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "STAGELINE_RUN")}
+    argv = [sys.executable, "-m", "stageline.cli", "batch", "--spec", str(spec)]
+    argv += ["--home", str(home), "--input", str(source), "--output", str(output)]
+    log = tmp_path / "batch.log"
+    with spawned(argv, log, {**env, "PYTHONUNBUFFERED": "1"}) as batch:
+        deadline = time.monotonic() + 180
+        while not staged(output):
+            assert batch.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        [(_, record)] = records(home / "run", "batch")
+        signalled = time.monotonic()
+        os.killpg(batch.pid, signal.SIGTERM)
+        batch.wait(timeout=STOP_TIMEOUT_S + 20)
+    took = time.monotonic() - signalled
+    assert batch.returncode == 1, log.read_text()[-3000:]
+    assert took < STOP_TIMEOUT_S + 1, took
+    assert "stopped: nothing of this run was published" in log.read_text()
+    assert run_processes(record.run_id) == []
+    assert records(home / "run", "batch") == []
+    manifest = output / MANIFEST
+    assert not manifest.exists() or json.loads(manifest.read_text())["runs"] == []
+    assert published_ids(output) == []
+
+    again = run(load_spec(spec), source, output, home)
+    assert (again.files, again.rows_in) == (4, 200_000)
+    assert exactly_once(output, frame) == (0, 0)

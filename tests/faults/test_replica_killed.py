@@ -1,14 +1,18 @@
-"""Case 1: a model replica killed mid-load."""
+"""Case 1: a replica killed mid-load: a model replica behind the ingress, and an ingress
+replica of the shipped server."""
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
+import pytest
 import ray
 
-from tests.conftest import deploy_app
+from tests.conftest import FRAUD_SPEC, deploy_app
 from tests.faults.load import Load
-from tests.faults.online import one_record, running_replicas
+from tests.faults.online import one_record, running_replicas, served
 from tests.integration.serve_helpers import delete_apps, fraud_variant, wait_for
 
 APP = "fault-kill"
@@ -85,3 +89,55 @@ def test_model_replica_killed_mid_load(serve_base: str, demo_home: Path, tmp_pat
         assert '"code":"unavailable"' in attempt.body, attempt
     assert report.failures(after) == []
     assert len(after) > 0
+
+
+CLIENTS = 32
+LOAD_S = 20.0
+
+
+def test_ingress_replica_killed_under_load_loses_no_request(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """``stageline serve`` as shipped (HAProxy, two ingress replicas), 32 clients that
+    never retry; one ingress replica is SIGKILLed (as the OOM killer does) a moment in,
+    and the load runs on for 20 s. HAProxy sends each request that was on the dead
+    replica, or that it sent there before it knew, to the other one: not one client
+    sees a failure. Serve starts a replacement, and that one joins without a failure
+    either."""
+    with served("haproxy", "fraud", FRAUD_SPEC, request, tmp_path) as app:
+        wait_for(lambda: len(app.ingress_pids()) == 2, 60, "two ingress replicas")
+        before = set(app.ingress_pids())
+        victim = min(before)
+        load = Load(
+            f"{app.url}/predict",
+            one_record,
+            concurrency=CLIENTS,
+            max_requests=10**6,
+            max_seconds=120,
+        )
+        load.start()
+        load.wait_for(lambda r: r.statuses()[200] >= 200, 30, "200 answers before the fault")
+        killed_at = load.now()
+        os.kill(victim, signal.SIGKILL)
+
+        def replaced() -> bool:
+            pids = set(app.ingress_pids())
+            return len(pids) == 2 and victim not in pids
+
+        wait_for(replaced, RECOVERY_S, "Serve to replace the killed ingress replica", 0.25)
+        recovered_at = load.now()
+        load.wait(max(3.0, killed_at + LOAD_S - load.now()))
+        report = load.stop()
+
+    failed = report.failures()
+    after = report.between(killed_at)
+    print(
+        f"\ncase 1 ingress replica killed (HAProxy mode): load {CLIENTS} clients closed "
+        f"loop, no retry; fault SIGKILL(ingress replica 1 of 2) at {killed_at:.1f} s; "
+        f"{report.summary()}; {len(after)} requests from the kill on; failed "
+        f"{len(failed)} {dict(report.statuses(failed))} {[a.body for a in failed[:3]]}; "
+        f"replacement running after {recovered_at - killed_at:.1f} s "
+        f"(timeline {report.timeline()})"
+    )
+    assert failed == []
+    assert len(report.between(recovered_at)) > 0
