@@ -13,7 +13,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -452,9 +452,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 f"a stageline serve for {home} is already running (pid {other.pid}); stop "
                 "it first, or swap its model with --model"
             )
-    localray.check_port_free(args.host, args.port, "--port")
-    localray.check_port_free("127.0.0.1", args.metrics_port, "--metrics-port")
-    return supervise(args, home, "serve")
+
+    def ports_free() -> None:
+        localray.check_port_free(args.host, args.port, "--port")
+        localray.check_port_free("127.0.0.1", args.metrics_port, "--metrics-port")
+
+    return supervise(args, home, "serve", before=ports_free)
 
 
 STOP_TIMEOUT_S = 9.5
@@ -462,13 +465,18 @@ STOP_TIMEOUT_S = 9.5
 The server drains first (:func:`serve_app.local.drain_budget`), then stops Ray."""
 
 
-def supervise(args: argparse.Namespace, home: Path, kind: str) -> int:
+def supervise(
+    args: argparse.Namespace, home: Path, kind: str, before: Callable[[], None] | None = None
+) -> int:
     """Run this very command again as a supervised child (stageline.supervisor): this
-    process stays light (no Ray) and is the one signals reach; the child runs Ray."""
+    process stays light (no Ray) and is the one signals reach; the child runs Ray.
+    ``before`` runs once what a previous run left is gone (it may hold ports)."""
     folder = home / "run"
     killed = supervisor.clear_stale(folder, kind, grace_s=STOP_TIMEOUT_S)
     if killed:
         print(f"ended {len(killed)} process(es) a previous {kind} left", file=sys.stderr)
+    if before is not None:
+        before()
     child = [sys.executable, "-m", "stageline.cli", *args.argv]
     run = supervisor.Supervisor(child, folder=folder, kind=kind, stop_timeout_s=STOP_TIMEOUT_S)
     return run.run()

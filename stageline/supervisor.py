@@ -151,7 +151,11 @@ def clear_stale(folder: Path, kind: str, grace_s: float) -> list[int]:
     killed: list[int] = []
     for path, record in records(folder, kind):
         if not record.running:
-            killed += end_run(record.run_id, grace_s)
+            # Its server got SIGTERM when the supervisor died, and is draining: let it.
+            deadline = time.monotonic() + grace_s
+            while run_processes(record.run_id) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            killed += end_run(record.run_id)
             path.unlink(missing_ok=True)
     return killed
 
