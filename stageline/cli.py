@@ -462,7 +462,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 STOP_TIMEOUT_S = 9.5
 """From a stop signal to the server's exit; past it the supervisor kills what is left.
-The server drains first (:func:`serve_app.local.drain_budget`), then stops Ray."""
+The server drains first (:func:`serve_app.drain.drain_budget`), then stops Ray."""
 
 
 def supervise(
@@ -514,6 +514,7 @@ def run_server(args: argparse.Namespace, spec: PipelineSpec, home: Path) -> int:
     """The supervised server: Ray, Serve and the app until SIGTERM or SIGINT, then a
     drain (requests in flight are answered) and a stop of everything it started."""
     from serve_app import local
+    from serve_app.drain import drain, drain_budget
 
     stop = StopSignal()
     print(f"starting Ray and the {spec.name!r} app ...", file=sys.stderr)
@@ -536,7 +537,7 @@ def run_server(args: argparse.Namespace, spec: PipelineSpec, home: Path) -> int:
             print("Ctrl-C to stop", flush=True)
             stop.wait()
         print("stopping: draining requests in flight ...", file=sys.stderr, flush=True)
-        drained = local.drain(args.port, local.drain_budget(spec))
+        drained = drain(args.port, drain_budget(spec))
         print(
             f"drained in {stop.elapsed():.1f} s" if drained else "drain deadline passed",
             file=sys.stderr,

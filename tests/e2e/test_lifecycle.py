@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from serve_app.local import DRAIN_CAP_S
+from serve_app.drain import DRAIN_CAP_S
 from stageline.demo.train import DemoResult
 from stageline.supervisor import RUN_ENV, records, run_processes
 from tests.conftest import FRAUD_SPEC, free_port

@@ -20,7 +20,7 @@ from bench.procmem import sample
 from stageline.localray import descendants, process_name
 from stageline.spec import load_spec
 from tests.conftest import GOOD_RECORD, deploy_app, free_port
-from tests.integration.serve_helpers import app_details, delete_apps
+from tests.integration.serve_helpers import app_details, delete_apps, wait_for
 from tests.support.processes import spawned
 
 Json = dict[str, Any]
@@ -102,6 +102,28 @@ class Served:
             return proxy_pids()
         return [p for p in descendants(self.server) if process_name(p) == "haproxy"]
 
+    def haproxy_config(self) -> str | None:
+        """HAProxy mode: the config the one HAProxy runs (None while several run: a
+        reload), as Serve wrote it and ``stageline serve``'s wrapper rewrote it."""
+        haproxies = self.front_pids() if self.server is not None else []
+        if len(haproxies) != 1:
+            return None
+        try:
+            argv = Path(f"/proc/{haproxies[0]}/cmdline").read_bytes().decode().split("\0")
+            return Path(argv[argv.index("-f") + 1]).read_text()
+        except (OSError, ValueError):  # it ended since (a reload)
+            return None
+
+    def routed(self) -> bool:
+        """Whether HTTP reaches every running ingress replica: in HAProxy mode, one
+        HAProxy runs, and its config lists each (Serve reloads it as replicas come)."""
+        if self.server is None:
+            return True
+        config, replicas = self.haproxy_config(), self.ingress_pids()
+        if config is None or not replicas:
+            return False
+        return config.count(f"server SERVE_REPLICA_{self.app}-ingress-") == len(replicas)
+
 
 @contextmanager
 def served(
@@ -137,6 +159,8 @@ def served(
             assert server.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.2)
-        yield Served(mode, app, url, server.pid)
+        running = Served(mode, app, url, server.pid)
+        wait_for(running.routed, 60, "HAProxy to route to every ingress replica", 0.5)
+        yield running
         server.terminate()  # a clean stop, as an operator's
         server.wait(timeout=60)

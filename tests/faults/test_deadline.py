@@ -1,4 +1,5 @@
-"""Case 5: a stage slowed past the request deadline, under a steady load."""
+"""Case 5: a stage slowed past the request deadline, under a steady load, behind Serve's
+proxy and behind HAProxy."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import pytest
 import requests
 import yaml
 
-from tests.conftest import GOOD_RECORD, deploy_app
+from tests.conftest import GOOD_RECORD
 from tests.faults.load import Load
-from tests.faults.online import PLACEMENTS, TIMEOUT, Json, one_record
-from tests.integration.serve_helpers import delete_apps, fraud_variant, wait_for
+from tests.faults.online import PLACEMENTS, TIMEOUT, Json, one_record, served
+from tests.integration.serve_helpers import fraud_variant, wait_for
 
 STAGES = '''\
 """A stage that is slow for some requests, and one that notes what reached the end."""
@@ -56,9 +57,14 @@ DEADLINE_S = 2.0
 SLOW_S = 6.0
 
 
-@pytest.mark.parametrize("placement", list(PLACEMENTS))
+# Each placement behind Serve's proxy; the shipped one behind HAProxy as well, as
+# `stageline serve` runs it.
+CASES = [(placement, "serve-proxy") for placement in PLACEMENTS] + [("shipped", "haproxy")]
+
+
+@pytest.mark.parametrize(("placement", "mode"), CASES)
 def test_slow_stage_past_the_deadline_is_504_and_the_rest_never_runs(
-    serve_base: str, demo_home: Path, tmp_path: Path, placement: str
+    request: pytest.FixtureRequest, tmp_path: Path, placement: str, mode: str
 ) -> None:
     """A request that makes the first stage sleep 6 s, against a 2 s deadline, while 2
     clients send ordinary requests: the slow request gets a 504 at the deadline; no
@@ -82,8 +88,8 @@ def test_slow_stage_past_the_deadline_is_504_and_the_rest_never_runs(
     spec = fraud_variant(tmp_path, serve=serve_options, files={"fault_stages.py": STAGES})
     add_stages(spec, first=slow, last=witness, inline=placement == "shipped")
     name = f"fault-deadline-{placement}"
-    url = deploy_app(serve_base, name, spec=str(spec), home=str(demo_home))
-    try:
+    with served(mode, name, spec, request, tmp_path) as app:
+        url = app.url
         load = Load(f"{url}/predict", one_record, concurrency=2, max_seconds=60)
         load.start()
         load.wait_for(lambda r: r.statuses()[200] >= 10, 30, "10 answers before the slow one")
@@ -94,13 +100,11 @@ def test_slow_stage_past_the_deadline_is_504_and_the_rest_never_runs(
         wait_for(lambda: "slow-done slow-1" in log.read_text(), 30, "the slow stage to finish")
         load.wait(1)
         report = load.stop()
-    finally:
-        delete_apps([name])
 
     seen = [line for line in log.read_text().splitlines() if line.startswith("seen ")]
     after = report.between(answered_at)
     print(
-        f"\ncase 5 deadline ({placement}): load 2 clients closed loop; fault one request "
+        f"\ncase 5 deadline ({placement}, {mode}): load 2 clients closed loop; fault one request "
         f"slowed {SLOW_S:g} s in the first stage, deadline {DEADLINE_S:g} s: "
         f"{resp.status_code} after {answered_at - sent_at:.2f} s; the last stage saw it: "
         f"{any('slow-1' in line for line in seen)}; {report.summary()}; "

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import ray
 
+from stageline.localray import listening
 from tests.conftest import FRAUD_SPEC, deploy_app
 from tests.faults.load import Load
-from tests.faults.online import one_record, running_replicas, served
+from tests.faults.online import Served, one_record, running_replicas, served
 from tests.integration.serve_helpers import delete_apps, fraud_variant, wait_for
 
 APP = "fault-kill"
@@ -103,11 +104,11 @@ def test_ingress_replica_killed_under_load_loses_no_request(
     and the load runs on for 20 s. HAProxy sends each request that was on the dead
     replica, or that it sent there before it knew, to the other one: not one client
     sees a failure. Serve starts a replacement, and that one joins without a failure
-    either."""
+    either. The victim is the replica HAProxy fills last, the harder case: the other
+    one is full (FILL_FIRST), so a retry may land on the dead one again."""
     with served("haproxy", "fraud", FRAUD_SPEC, request, tmp_path) as app:
         wait_for(lambda: len(app.ingress_pids()) == 2, 60, "two ingress replicas")
-        before = set(app.ingress_pids())
-        victim = min(before)
+        victim = last_replica(app)
         load = Load(
             f"{app.url}/predict",
             one_record,
@@ -133,7 +134,8 @@ def test_ingress_replica_killed_under_load_loses_no_request(
     after = report.between(killed_at)
     print(
         f"\ncase 1 ingress replica killed (HAProxy mode): load {CLIENTS} clients closed "
-        f"loop, no retry; fault SIGKILL(ingress replica 1 of 2) at {killed_at:.1f} s; "
+        f"loop, no retry; fault SIGKILL(the ingress replica filled last, of 2) at "
+        f"{killed_at:.1f} s; "
         f"{report.summary()}; {len(after)} requests from the kill on; failed "
         f"{len(failed)} {dict(report.statuses(failed))} {[a.body for a in failed[:3]]}; "
         f"replacement running after {recovered_at - killed_at:.1f} s "
@@ -141,3 +143,15 @@ def test_ingress_replica_killed_under_load_loses_no_request(
     )
     assert failed == []
     assert len(report.between(recovered_at)) > 0
+
+
+def last_replica(app: Served) -> int:
+    """The ingress replica HAProxy fills last (its line has no ``maxconn``): its pid."""
+    config = app.haproxy_config()
+    assert config is not None
+    servers = [line.split() for line in config.splitlines() if "server SERVE_REPLICA_" in line]
+    ports = [int(words[2].rsplit(":", 1)[1]) for words in servers if "maxconn" not in words]
+    assert len(ports) == 1, servers
+    owners = [pid for _addr, port, pid in listening(app.ingress_pids()) if port == ports[0]]
+    assert len(owners) == 1, (ports, owners)
+    return owners[0]
