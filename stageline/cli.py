@@ -333,7 +333,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_batch(args: argparse.Namespace) -> int:
     spec, home = _load(args), resolve_home(args.home)
     ensure_demo(spec, home)
-    if not os.environ.get(supervisor.RUN_ENV):
+    if not os.environ.get(supervisor.RUN_ENV) and not ray_connected():
         return supervise(args, home, "batch")
     from batch_app.run import connect, run
 
@@ -571,6 +571,13 @@ def report_models(url: str, wanted: str) -> int:
     if failed:
         raise CliError(f"{wanted} did not load; the previous version keeps serving (see above)")
     return 0
+
+
+def ray_connected() -> bool:
+    """This process already holds a Ray connection (``main`` called from a program that
+    runs Ray itself): the command runs here, on that Ray, not in a supervised child."""
+    ray = sys.modules.get("ray")
+    return ray is not None and bool(ray.is_initialized())
 
 
 def ray_disconnect() -> None:
