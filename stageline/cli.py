@@ -333,7 +333,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_batch(args: argparse.Namespace) -> int:
     spec, home = _load(args), resolve_home(args.home)
     ensure_demo(spec, home)
-    if not os.environ.get(supervisor.RUN_ENV) and not ray_connected():
+    # Supervised when it starts a Ray of its own: on a cluster (--address, $RAY_ADDRESS,
+    # as under `ray job submit`) the cluster outlives the driver, and its job manager
+    # stops it.
+    external = bool(args.address or os.environ.get("RAY_ADDRESS"))
+    if not os.environ.get(supervisor.RUN_ENV) and not external and not ray_connected():
         return supervise(args, home, "batch")
     from batch_app.run import connect, run
 
