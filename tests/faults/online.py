@@ -103,16 +103,19 @@ class Served:
         return [p for p in descendants(self.server) if process_name(p) == "haproxy"]
 
     def haproxy_config(self) -> str | None:
-        """HAProxy mode: the config the one HAProxy runs (None while several run: a
-        reload), as Serve wrote it and ``stageline serve``'s wrapper rewrote it."""
+        """HAProxy mode: the config the one HAProxy runs, as Serve wrote it and
+        ``stageline serve``'s wrapper rewrote it. None during a reload: while several
+        HAProxies run, or once Serve has written the file again for the next one and the
+        wrapper has not yet put its rules in (the file keeps its path)."""
         haproxies = self.front_pids() if self.server is not None else []
         if len(haproxies) != 1:
             return None
         try:
             argv = Path(f"/proc/{haproxies[0]}/cmdline").read_bytes().decode().split("\0")
-            return Path(argv[argv.index("-f") + 1]).read_text()
+            config = Path(argv[argv.index("-f") + 1]).read_text()
         except (OSError, ValueError):  # it ended since (a reload)
             return None
+        return config if "# stageline: added" in config else None
 
     def routed(self) -> bool:
         """Whether HTTP reaches every running ingress replica: in HAProxy mode, one

@@ -146,12 +146,18 @@ def test_ingress_replica_killed_under_load_loses_no_request(
 
 
 def last_replica(app: Served) -> int:
-    """The ingress replica HAProxy fills last (its line has no ``maxconn``): its pid."""
-    config = app.haproxy_config()
-    assert config is not None
-    servers = [line.split() for line in config.splitlines() if "server SERVE_REPLICA_" in line]
-    ports = [int(words[2].rsplit(":", 1)[1]) for words in servers if "maxconn" not in words]
-    assert len(ports) == 1, servers
+    """The ingress replica HAProxy fills last (its line has no ``maxconn``): its pid, once
+    HAProxy runs a config that lists both (Serve reloads it as the second one comes)."""
+
+    def uncapped() -> list[int]:
+        config = app.haproxy_config() or ""
+        lines = [line.split() for line in config.splitlines() if "server SERVE_REPLICA_" in line]
+        if len(lines) != 2:
+            return []
+        ports = [int(words[2].rsplit(":", 1)[1]) for words in lines if "maxconn" not in words]
+        return ports if len(ports) == 1 else []
+
+    ports = wait_for(uncapped, 60, "HAProxy routing to both, one filled last")
     owners = [pid for _addr, port, pid in listening(app.ingress_pids()) if port == ports[0]]
     assert len(owners) == 1, (ports, owners)
     return owners[0]
