@@ -27,6 +27,7 @@ import pyarrow.csv as pacsv
 import ray
 import ray.data
 
+from batch_app.ray_internals import READ_ENV, read_parquet, workers_have_read_env
 from stageline.features import StoreUnavailableError
 from stageline.pipeline import StageChain
 from stageline.spec import PipelineSpec
@@ -62,8 +63,9 @@ def build_dataset(
     # Reads are cheap next to scoring: as many read tasks at a time as the first pool
     # has actors keeps it fed, and bounds the workers (and memory) reads take.
     readers = spec.stage(segments[0].stages[0]).batch.actors[1]
-    with _block_size(spec.batch.block_mb):
-        ds = _read(paths, readers)
+    block_bytes = int(spec.batch.block_mb * 1024 * 1024)
+    with _block_size(block_bytes):
+        ds = _read(paths, readers, block_bytes)
         for i, segment in enumerate(segments):
             conf = spec.stage(segment.stages[0]).batch
             lo, hi = conf.actors
@@ -84,53 +86,17 @@ def build_dataset(
     return ds
 
 
-READ_ENV = {
-    "env_vars": {
-        "ARROW_DEFAULT_MEMORY_POOL": "system",
-        "RAY_DATA_ARROW_SCANNER_BATCH_READAHEAD": "1",
-    }
-}
-"""For the processes that read: Arrow's default allocator (jemalloc) keeps what a
-read freed, and Ray Data has the scanner decode 8 batches ahead. With these, a read
-worker holds about one block beyond its own code, however much it has read."""
-
-_read_env_inherited = False
-
-
-def inherit_read_env() -> None:
-    """Call before starting a local Ray: every worker it starts then has ``READ_ENV``'s
-    settings, and reads run in the workers Ray starts up front, not in workers started
-    for a runtime_env of their own (1.7 s of a 4M-row run here: 38.7 -> 37.0 s). On
-    a cluster this process did not start, reads still carry ``READ_ENV``."""
-    global _read_env_inherited
-    os.environ.update(READ_ENV["env_vars"])
-    _read_env_inherited = True
-
-
-_PARQUET_READ_UNIT_ENV = "RAY_DATA_PARQUET_BIN_PACKING_BYTES"
-"""Ray Data (2.60) packs parquet row groups into read tasks of up to this many bytes,
-128 MiB by default: one task then reads millions of rows and its worker's memory grows
-with the input up to that size. Read when a dataset is created, on the driver."""
-
-
 @contextmanager
-def _block_size(mb: float) -> Iterator[None]:
-    """Datasets created inside read ``mb`` MiB per task and make blocks of about that
-    size (each keeps a copy of the context it was created with); the process-wide
-    settings are restored after."""
-    size = int(mb * 1024 * 1024)
+def _block_size(size: int) -> Iterator[None]:
+    """Datasets created inside make blocks of about ``size`` bytes (each keeps a copy
+    of the context it was created with); the process-wide context is restored after."""
     ctx = ray.data.DataContext.get_current()
-    saved = ctx.target_max_block_size, os.environ.get(_PARQUET_READ_UNIT_ENV)
+    saved = ctx.target_max_block_size
     ctx.target_max_block_size = size
-    os.environ[_PARQUET_READ_UNIT_ENV] = str(size)
     try:
         yield
     finally:
-        ctx.target_max_block_size = saved[0]
-        if saved[1] is None:
-            os.environ.pop(_PARQUET_READ_UNIT_ENV, None)
-        else:
-            os.environ[_PARQUET_READ_UNIT_ENV] = saved[1]
+        ctx.target_max_block_size = saved
 
 
 class BatchChain(StageChain):
@@ -174,11 +140,10 @@ class BatchChain(StageChain):
 
 class ArrowBatchChain:
     """What each actor of a pool runs: a :class:`BatchChain` whose frames go back to
-    Ray as Arrow tables. Ray stores blocks as Arrow either way; ``pyarrow`` converts the
-    frame in two thirds of the time Ray's own conversion takes (0.62 against 0.93 µs a
-    row here, which looks at object columns for tensors first). A frame Arrow cannot
-    hold (a stage returning arbitrary Python objects) goes back as it is, for Ray to
-    store as it can."""
+    Ray as Arrow tables. Ray stores blocks as Arrow either way, but its own conversion
+    first looks through every object column for tensors; ``pyarrow`` converts the
+    frame directly. A frame Arrow cannot hold (a stage returning arbitrary Python
+    objects) goes back as it is, for Ray to store as it can."""
 
     def __init__(self, **kwargs: Any) -> None:
         self.chain = BatchChain(**kwargs)
@@ -245,11 +210,12 @@ def _paths(source: Source) -> list[str]:
     return [os.fspath(p) for p in source]
 
 
-def _read(paths: list[str], readers: int) -> ray.data.Dataset:
-    """Parquet unless every path names a CSV file; Ray expands directories and globs."""
+def _read(paths: list[str], readers: int, unit_bytes: int) -> ray.data.Dataset:
+    """Parquet unless every path names a CSV file; Ray expands directories and globs.
+    A parquet read task reads about ``unit_bytes``: one block's worth."""
     csv = [p.lower().endswith(CSV_SUFFIXES) for p in paths]
     options: dict[str, Any] = {"concurrency": readers}
-    if not _read_env_inherited:
+    if not workers_have_read_env():
         options["runtime_env"] = READ_ENV
     if all(csv):
         return ray.data.read_csv(
@@ -260,4 +226,4 @@ def _read(paths: list[str], readers: int) -> ray.data.Dataset:
         )
     if any(csv):
         raise ValueError("mixed CSV and parquet inputs: pass one format per run")
-    return ray.data.read_parquet(paths, file_extensions=["parquet"], **options)
+    return read_parquet(paths, unit_bytes, file_extensions=["parquet"], **options)

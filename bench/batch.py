@@ -29,10 +29,11 @@ import pandas as pd
 from bench.processes import OWN_SESSION, local_env, stop_group
 from bench.procmem import PeakMemory, gib
 from bench.report import add_run_options, markdown, scratch, write
-from stageline.cli import DEFAULT_SPEC, ensure_demo
 from stageline.context import resolve_home
 from stageline.demo.batch import ROW_GROUP, ROWS_PER_FILE, transactions
+from stageline.demo.world import ensure_demo
 from stageline.spec import PipelineSpec, load_spec
+from stageline_cli.common import DEFAULT_SPEC
 
 SIZES = (1_000_000, 4_000_000, 16_000_000)
 SMOKE_SIZES = (20_000,)
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         source = inputs(size, home, data)
         commands = {
             "stageline batch": [
-                sys.executable, "-m", "stageline.cli", "batch", "--home", str(home),
+                sys.executable, "-m", "stageline_cli", "batch", "--home", str(home),
                 "--input", str(source), "--output", str(work / "stageline"), "--full",
             ],
             "pandas loop": [

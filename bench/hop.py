@@ -11,6 +11,13 @@ the same CPU share, so the difference is the hop itself. Local Ray on loopback.
 
 from __future__ import annotations
 
+# Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when it is first imported: set it
+# first, so that the local Ray this script starts listens on loopback only.
+# ruff: noqa: E402
+from stageline.localray import use_loopback
+
+use_loopback()
+
 import argparse
 import logging
 import time
@@ -20,8 +27,9 @@ import pandas as pd
 import ray
 from ray import serve
 
+from bench.processes import free_port
 from bench.report import add_run_options, markdown, median_seconds, write
-from stageline.localray import free_port, local_ray_options
+from stageline.localray import local_ray_options
 
 ROW = pd.DataFrame(
     [

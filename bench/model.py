@@ -19,11 +19,12 @@ import pandas as pd
 import xgboost as xgb
 
 from bench.report import add_run_options, markdown, median_seconds, write
-from stageline.cli import DEFAULT_SPEC, ensure_demo
 from stageline.context import StageContext, resolve_home
+from stageline.demo.world import ensure_demo
 from stageline.pipeline import StageChain
 from stageline.spec import load_spec
 from stageline.stages.model import XGBoostPredictor
+from stageline_cli.common import DEFAULT_SPEC
 
 SIZES = (1, 8, 64, 512, 8192)
 SMOKE_SIZES = (1, 8, 64)

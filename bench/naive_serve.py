@@ -13,6 +13,13 @@ a quarter CPU per replica, without which five replicas do not fit on two cores.
 # No `from __future__ import annotations`: run as __main__, these classes are pickled by
 # value into the replicas, where FastAPI could not resolve string annotations.
 
+# Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when it is first imported: set it
+# first, so that the local Ray this script starts listens on loopback only.
+# ruff: noqa: E402
+from stageline.localray import use_loopback
+
+use_loopback()
+
 import argparse
 from typing import Any
 
@@ -23,10 +30,10 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from bench.serving import serve_until_stopped
-from stageline.cli import DEFAULT_SPEC
 from stageline.context import resolve_home
 from stageline.pipeline import StageChain, predictions, records
 from stageline.spec import PipelineSpec, load_spec
+from stageline_cli.common import DEFAULT_SPEC
 
 api = FastAPI()
 

@@ -12,6 +12,13 @@ body and returns a small constant JSON.
 # No `from __future__ import annotations`: run as __main__, this class is pickled by
 # value into the replica, where FastAPI could not resolve string annotations.
 
+# Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when it is first imported: set it
+# first, so that the local Ray this script starts listens on loopback only.
+# ruff: noqa: E402
+from stageline.localray import use_loopback
+
+use_loopback()
+
 import argparse
 import os
 from typing import Any, cast
@@ -24,8 +31,8 @@ from ray.serve import Application, Deployment
 from bench.serving import serve_until_stopped
 from serve_app.app import INGRESS, _autoscaling
 from serve_app.local import serve_env
-from stageline.cli import DEFAULT_SPEC
 from stageline.spec import PipelineSpec, load_spec
+from stageline_cli.common import DEFAULT_SPEC
 
 api = FastAPI()
 ANSWER: dict[str, Any] = {

@@ -47,12 +47,12 @@ import pandas as pd
 import requests
 import yaml
 
-from bench.processes import OWN_SESSION, local_env, start, stop_group
+from bench.processes import OWN_SESSION, free_port, local_env, start, stop_group
 from bench.report import DATA, add_run_options, markdown, median_seconds, scratch, write
-from stageline.cli import DEFAULT_SPEC, ensure_demo, example_record
-from stageline.localray import free_port
+from stageline.demo.world import ensure_demo, example_record
 from stageline.pipeline import Pipeline
 from stageline.spec import PipelineSpec, load_spec
+from stageline_cli.common import DEFAULT_SPEC
 
 ROOT = Path(__file__).resolve().parents[1]
 LUA = Path(__file__).with_name("wrk_predict.lua")
@@ -125,7 +125,7 @@ def command(key: str, port: int, home: Path, work: Path) -> list[str]:
     if key in ("A", "A2"):
         # A free metrics port, not the default 8080: a server already running on this
         # machine must not make the benchmark fail. Ray exports metrics either way.
-        serve = [py, "-m", "stageline.cli", "serve", "--port", str(port), "--home", str(home),
+        serve = [py, "-m", "stageline_cli", "serve", "--port", str(port), "--home", str(home),
                  "--metrics-port", str(free_port())]  # fmt: skip
         return serve if key == "A" else [*serve, "--spec", str(per_stage_spec(work))]
     if key == "B":

@@ -1,5 +1,6 @@
 """The processes a benchmark or a test starts: their environment, a start in a session
-of their own, and a stop that leaves nothing of theirs behind.
+of their own, a stop that leaves nothing of theirs behind, and listings of what runs
+below a process (its processes, their names, their TCP sockets; with psutil).
 
 tests/support/processes.py wraps these for the tests (``spawned``); this is the one copy.
 """
@@ -8,14 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
+import socket
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypedDict
 
-from stageline.localray import descendants, process_name
+import psutil
 
 NOT_INHERITED = ("RAY_ADDRESS", "STAGELINE_API_KEY")
 """A benchmark measures a local run without an API key: a Ray address inherited from
@@ -82,14 +85,15 @@ def stop_group(process: subprocess.Popen[Any], grace_s: float = 30.0) -> dict[in
     exited, or after ``grace_s``, SIGKILL to its process group; then SIGKILL to any
     process it had started that left the group and is still running :data:`LINGER_S`
     later. Safe to call again, or after the caller has reaped ``process``. Returns what
-    had to be killed: pid and name (:func:`~stageline.localray.process_name`).
+    had to be killed: pid and name (:func:`process_name`).
     """
     pgid = process.pid
     running = process.poll() is None
     # Walked only while the pid is still ours (a child's pid is not reused until it is
-    # reaped): a reaped pid may be a stranger's by now.
-    tree = {p: _started(p) for p in descendants(pgid) if p != pgid} if running else {}
-    names = {p: process_name(p) for p in tree}
+    # reaped): a reaped pid may be a stranger's by now. psutil.Process remembers when
+    # each one started, so a new process given the same pid later is not taken for it.
+    tree = _children(pgid) if running else []
+    names = {p.pid: process_name(p.pid) for p in tree}
     killed: dict[int, str] = {}
     if running:
         with contextlib.suppress(ProcessLookupError):
@@ -105,41 +109,90 @@ def stop_group(process: subprocess.Popen[Any], grace_s: float = 30.0) -> dict[in
         os.killpg(pgid, signal.SIGKILL)
     process.wait()
     deadline = time.monotonic() + LINGER_S
-    for pid, started in tree.items():
+    for child in tree:
         # Only the very process seen before (not a new one with its pid), still running.
-        while _running(pid, started) and time.monotonic() < deadline:
+        while _running(child) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if _running(pid, started):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            killed[pid] = names[pid]
+        if _running(child):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()  # checks first that the pid is still this process's
+            killed[child.pid] = names[child.pid]
     return killed
+
+
+def _children(pid: int) -> list[psutil.Process]:
+    try:
+        return list(psutil.Process(pid).children(recursive=True))
+    except psutil.NoSuchProcess:
+        return []
 
 
 def _group(pgid: int) -> list[int]:
     """The running (not zombie) processes of process group ``pgid``."""
     found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            fields = _stat(int(entry.name))
-            if fields is not None and fields[0] != "Z" and int(fields[2]) == pgid:
-                found.append(int(entry.name))
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc.pid)
     return found
 
 
-def _running(pid: int, started: int | None) -> bool:
-    return started is not None and _started(pid) == started
-
-
-def _started(pid: int) -> int | None:
-    """When a running process started (clock ticks since boot); None if it is gone."""
-    fields = _stat(pid)
-    return None if fields is None or fields[0] == "Z" else int(fields[19])
-
-
-def _stat(pid: int) -> list[str] | None:
-    """``/proc/PID/stat`` after the command name (state, ppid, pgrp, ...); None if gone."""
+def _running(proc: psutil.Process) -> bool:
+    """``proc`` (that very process, not a later one with its pid) runs, not a zombie."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+# --------------------------------------------------------------------------- listings
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def descendants(root: int) -> list[int]:
+    """``root`` and every process below it."""
+    return [root, *(p.pid for p in _children(root))]
+
+
+def tcp_sockets(pids: Iterable[int]) -> list[tuple[str, int, str, int]]:
+    """``(address, port, status, pid)`` of every TCP socket these processes hold, status
+    as psutil names it (``psutil.CONN_LISTEN``, ``psutil.CONN_ESTABLISHED``, ...)."""
+    wanted = set(pids)
+    return sorted(
+        (c.laddr.ip.removeprefix("::ffff:"), c.laddr.port, c.status, c.pid)
+        for c in psutil.net_connections(kind="tcp")
+        if c.pid in wanted and c.laddr
+    )
+
+
+def listening(pids: Iterable[int]) -> list[tuple[str, int, int]]:
+    """``(address, port, pid)`` of every TCP socket these processes listen on."""
+    return [(a, port, pid) for a, port, st, pid in tcp_sockets(pids) if st == psutil.CONN_LISTEN]
+
+
+def process_name(pid: int) -> str:
+    """What a process is, for listings: ``gcs_server``, ``raylet``, ``ray::ServeReplica``
+    (Ray titles a worker process after the actor it runs), a Python process's script or
+    module (``log_monitor.py``, ``pytest``), else its program's name."""
+    try:
+        argv = psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return "?"
+    if len(argv) == 1:  # a title set over the whole command line
+        argv = argv[0].split()
+    if not argv:
+        return "?"
+    if argv[0].startswith("ray::"):
+        return "ray::" + re.split(r"[:(.]", argv[0][5:], maxsplit=1)[0]
+    program = Path(argv[0]).name
+    if program.startswith("python"):
+        if "-m" in argv[1:-1]:
+            return argv[argv.index("-m") + 1]
+        return next((Path(a).name for a in argv[1:] if a.endswith(".py")), program)
+    return program

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from stageline.localray import descendants
+from bench.processes import descendants
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ import ray
 from ray import serve
 from ray.serve import Application
 
-from stageline.cli import StopSignal
 from stageline.localray import local_ray_options
+from stageline_cli.processes import StopSignal
 
 
 def serve_until_stopped(app: Application, port: int, name: str) -> None:

@@ -74,10 +74,10 @@ from bench.online import (
     wrk,
     wrk_version,
 )
+from bench.processes import descendants, process_name
 from bench.procmem import open_fds, sample_pids
 from bench.report import add_run_options, markdown, scratch, write
-from stageline.cli import DEFAULT_SPEC
-from stageline.localray import descendants, process_name
+from stageline_cli.common import DEFAULT_SPEC
 
 PACED = Path(__file__).with_name("wrk_paced.lua")
 LOAD = 0.5

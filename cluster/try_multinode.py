@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from stageline.context import resolve_home  # noqa: E402
-from stageline.localray import LocalCluster, free_port  # noqa: E402
+from tests.support.cluster import LocalCluster  # noqa: E402
+from tests.support.processes import free_port  # noqa: E402
 
 RECORD = {
     "transaction_id": "t1",

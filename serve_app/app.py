@@ -13,19 +13,23 @@ import contextlib
 import hashlib
 import inspect
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
 from pydantic import BaseModel, ConfigDict, Field
-from ray import serve
 from ray.serve import Application, Deployment
 
 from serve_app.deployment import StageDeployment
 from serve_app.http import RETRY_AFTER_S, ApiKey
-from serve_app.ingress import admission_limit, make_ingress
+from serve_app.ingress import Ingress
+from serve_app.ray_internals import versioned
+from serve_app.router import admission_limit
 from stageline.context import resolve_home
 from stageline.registry import parse_model_ref
+from stageline.service import UserConfig
 from stageline.spec import PipelineSpec, Segment, StageServeSpec, load_spec, resolve_class
+from stageline.stage import Reloadable
 
 INGRESS = "ingress"
 
@@ -55,7 +59,7 @@ requests away first (:func:`ingress_limits`)."""
 def ingress_limits(spec: PipelineSpec) -> tuple[int, int]:
     """Serve's ``max_ongoing_requests`` and ``max_queued_requests`` of the ingress.
 
-    The ingress takes :func:`~serve_app.ingress.admission_limit` requests per replica
+    The ingress takes :func:`~serve_app.router.admission_limit` requests per replica
     and answers the next at once with our JSON 503 (``AdmissionMiddleware``). Serve's
     own limits are twice that: room for as many rejections under way at once in each
     replica, and for as many requests waiting in Serve's proxy to be routed (they wait
@@ -98,35 +102,30 @@ def build_app(args: AppArgs) -> Application:
     home = str(resolve_home(args.home))
     version = code_version(spec, home, args)
     handles = [
-        deployment(spec, segment, home, args.model)
-        .options(version=version, _internal=True)
-        .bind(spec, list(segment.stages), home)
+        versioned(deployment(spec, segment, home, args.model), version).bind(
+            spec, list(segment.stages), home
+        )
         for segment in spec.segments()
         if not segment.inline
     ]
     ingress = spec.serve.ingress
     api_key = ApiKey(args.api_key_env, args.api_key_file)
-    ingress_cls = make_ingress(spec, home, api_key)
     max_ongoing, max_queued = ingress_limits(spec)
-    inline = [s for s in spec.segments() if s.inline]
-    app: Application = (
-        cast(Deployment, serve.deployment(ingress_cls))
-        .options(
-            name=INGRESS,
-            ray_actor_options={"num_cpus": ingress.num_cpus},
-            autoscaling_config=_autoscaling(ingress.autoscaling, ingress.max_ongoing_requests),
-            max_ongoing_requests=max_ongoing,
-            max_queued_requests=max_queued,
-            # Model stages placed inline reload in the ingress replica.
-            user_config={k: v for s in inline for k, v in user_config(spec, s, args.model).items()},
-            logging_config=_logging(spec),
-            **ROLLOUT,
-            **SHUTDOWN,
-            **OVERLOAD,
-        )
-        .options(version=version, _internal=True)
-        .bind(handles)
+    inline = [stage for s in spec.segments() if s.inline for stage in s.stages]
+    configured = cast(Deployment, Ingress).options(
+        name=INGRESS,
+        ray_actor_options={"num_cpus": ingress.num_cpus},
+        autoscaling_config=_autoscaling(ingress.autoscaling, ingress.max_ongoing_requests),
+        max_ongoing_requests=max_ongoing,
+        max_queued_requests=max_queued,
+        # Model stages placed inline reload in the ingress replica.
+        user_config=user_config(spec, inline, args.model),
+        logging_config=_logging(spec),
+        **ROLLOUT,
+        **SHUTDOWN,
+        **OVERLOAD,
     )
+    app: Application = versioned(configured, version).bind(spec, home, api_key, handles)
     return app
 
 
@@ -166,7 +165,7 @@ def deployment(spec: PipelineSpec, segment: Segment, home: str, model: str | Non
         autoscaling_config=_autoscaling(options.autoscaling, options.max_ongoing_requests),
         max_ongoing_requests=options.max_ongoing_requests,
         max_queued_requests=options.max_queued_requests,
-        user_config=user_config(spec, segment, model),
+        user_config=user_config(spec, segment.stages, model),
         logging_config=_logging(spec),
         **ROLLOUT,
         **SHUTDOWN,
@@ -174,22 +173,24 @@ def deployment(spec: PipelineSpec, segment: Segment, home: str, model: str | Non
     )
 
 
-def user_config(spec: PipelineSpec, segment: Segment, model: str | None) -> dict[str, Any]:
-    """Per-stage reload params: ``{"model": {"alias": "challenger"}}`` for a model
-    stage serving ``model``'s name, the spec's own alias or version for the others.
+def user_config(spec: PipelineSpec, stages: Sequence[str], model: str | None) -> dict[str, Any]:
+    """The :class:`~stageline.service.UserConfig` of a deployment running ``stages``:
+    for each :class:`~stageline.stage.Reloadable` stage, its reload params. A stage
+    serving ``model``'s name gets that reference (``{"alias": "challenger"}``), the
+    others their spec's own alias or version.
 
     Always given, so a redeploy without ``model`` moves a swapped replica back."""
     name, ref = parse_model_ref(model) if model is not None else (None, None)
-    config: dict[str, Any] = {}
-    for stage in segment.stages:
-        params = spec.stage(stage).params
-        if "model" not in params:
+    config: dict[str, dict[str, Any]] = {}
+    for stage in map(spec.stage, stages):
+        if not issubclass(resolve_class(stage.uses, spec.base_dir), Reloadable):
             continue
-        if params["model"] == name:
-            config[stage] = {"version" if isinstance(ref, int) else "alias": ref}
+        params = stage.params
+        if name is not None and params.get("model") == name:
+            config[stage.name] = {"version" if isinstance(ref, int) else "alias": ref}
         else:
-            config[stage] = {k: params[k] for k in ("alias", "version") if k in params}
-    return config
+            config[stage.name] = {k: params[k] for k in ("alias", "version") if k in params}
+    return UserConfig(stages=config).model_dump(mode="json", exclude_defaults=True)
 
 
 def _logging(spec: PipelineSpec) -> dict[str, Any]:

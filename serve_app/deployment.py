@@ -1,6 +1,6 @@
 """One generic Ray Serve deployment that runs any segment of stages.
 
-Concurrent requests' DataFrames are merged (:class:`~serve_app.batching.Merger`), the stages
+Concurrent requests' DataFrames are merged (:class:`~stageline.batching.Merger`), the stages
 run once on the merged frame, and the result is split back per request.
 Nothing about a stage is rewritten for Serve: the replica holds a
 :class:`stageline.pipeline.StageChain`, exactly what runs in process.
@@ -8,26 +8,26 @@ Nothing about a stage is rewritten for Serve: the replica holds a
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import gc
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from ray import serve
 from ray.serve import metrics
 
-from serve_app import _loopback as loopback
-from serve_app.batching import Merger, batch_overrides
+from serve_app.ray_internals import keep_grpc_on_loopback
+from stageline.batching import Merger
 from stageline.pipeline import StageChain
+from stageline.service import UserConfig, off_loop
 from stageline.spec import PipelineSpec
-from stageline.stage import error_mask
+from stageline.stage import StageStatus, error_mask, rejections
 
 log = logging.getLogger("ray.serve")
 
@@ -35,27 +35,12 @@ LATENCY_BOUNDARIES_MS = [0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500
 BATCH_BOUNDARIES = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0]
 
 
-T = TypeVar("T")
-
-
 def freeze_heap() -> None:
     """Leave everything built so far (model, features, Ray, FastAPI) out of the garbage
-    collector's full passes. A replica holds ~10^5 long-lived objects; a full pass over
-    them takes ~90 ms here and lands on whichever requests are in flight (the p99)."""
+    collector's full passes. A replica holds some 10^5 long-lived objects; a full pass
+    over them is long, and lands on whichever requests are in flight (the p99)."""
     gc.collect()
     gc.freeze()
-
-
-async def off_loop(run: Callable[..., T], *args: Any, timeout_s: float | None = None) -> T:
-    """``run(*args)`` (stages: plain blocking code) in a worker thread, given up after
-    ``timeout_s``.
-
-    On the replica's event loop a slow stage call would hold up every other request
-    of the replica, and no deadline could fire before it returned. In a thread the
-    loop stays free, and at the deadline the caller moves on: Python cannot stop the
-    thread, so the call finishes on its own, but nothing waits for it or uses its
-    result, and the next batch runs beside it."""
-    return await asyncio.wait_for(asyncio.to_thread(run, *args), timeout_s)
 
 
 class _Metrics:
@@ -116,27 +101,25 @@ class MeteredChain:
         self.batch_sizes.append(len(batch))
         bad = error_mask(out) & ~error_mask(batch)
         if bad.any():
-            for reason, count in (
-                out.loc[bad, "_error"].str.split(":").str[0].value_counts().items()
-            ):
-                m.marked.inc(int(count), tags={"segment": self.segment, "stage": str(reason)})
+            for stage, count in rejections(out, bad).items():
+                m.marked.inc(count, tags={"segment": self.segment, "stage": stage})
         return out
 
-    def reconfigure(self, config: dict[str, Any]) -> None:
+    def reconfigure(self, config: Mapping[str, Mapping[str, Any]]) -> None:
         self.chain.reconfigure(config)
         self._report_models()
 
     def _report_models(self) -> None:
         self._models = [
             (
-                float(report["version"]),
-                {"segment": self.segment, "stage": stage, "model": str(report["model"])},
+                float(s.model.version),
+                {"segment": self.segment, "stage": stage, "model": s.model.model},
             )
-            for stage, report in self.chain.status().items()
-            if "version" in report
+            for stage, s in self.chain.status().items()
+            if s.model is not None
         ]
 
-    def status(self) -> dict[str, dict[str, Any]]:
+    def status(self) -> dict[str, StageStatus]:
         return self.chain.status()
 
 
@@ -145,7 +128,7 @@ class StageDeployment:
     """A Serve replica running ``stages`` of ``spec`` (one stage or a fused group)."""
 
     def __init__(self, spec: PipelineSpec, stages: list[str], home: str) -> None:
-        loopback.install()
+        keep_grpc_on_loopback()
         self.chain = MeteredChain(spec, stages, home)
         # No call outlives the deadline of the requests it serves (see off_loop).
         self.timeout_s = spec.serve.request_timeout_s
@@ -182,13 +165,12 @@ class StageDeployment:
         ]
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Serve calls this on start and on every ``user_config`` change: per-stage
-        params (``{"model": {"alias": "challenger"}}``) and batching overrides
-        (``{"batch": {"max_size": 32, "wait_ms": 1}}``)."""
-        batching = batch_overrides(user_config)
+        """Serve calls this on start and on every ``user_config`` change
+        (:class:`~stageline.service.UserConfig`): per-stage params and batching."""
+        config = UserConfig.model_validate(user_config)
         if self.batching:
-            self.merger.configure(**batching)
-        self.chain.reconfigure(user_config)
+            self.merger.configure(config.batch)
+        self.chain.reconfigure(config.stages)
 
     def status(self) -> dict[str, Any]:
         """Stages, what they serve, and the recent batch sizes this replica saw."""

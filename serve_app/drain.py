@@ -1,20 +1,22 @@
 """The drain of a stopping ``stageline serve``: no new requests, those in flight answered.
 
-Plain ``os`` and ``/proc`` (no Ray): it acts on the HAProxy processes below this one.
+No Ray: it acts on the HAProxy processes below this one (psutil finds them) and reads
+their connections with iproute2's ``ss``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
-from stageline.localray import descendants, process_name, tcp_sockets
+import psutil
+
 from stageline.spec import PipelineSpec
 
 log = logging.getLogger(__name__)
@@ -42,22 +44,36 @@ def drain(port: int, timeout_s: float) -> bool:
     in flight (:func:`requests_in_flight`); Ray's stop then closes the idle ones. True
     when that happened in time. With Serve's own proxy there is nothing to do here:
     ``serve.shutdown`` drains it."""
-    haproxies = [p for p in descendants(os.getpid()) if process_name(p) == "haproxy"]
-    for pid in haproxies:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGUSR1)
+    haproxies = _haproxies()
+    for proc in haproxies:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.send_signal(signal.SIGUSR1)  # psutil checks the pid was not reused
+    pids = [proc.pid for proc in haproxies]
     deadline = time.monotonic() + timeout_s
     quiet = 0  # twice in a row, 50 ms apart: TCP_INFO's times tick in jiffies
     while time.monotonic() < deadline:
-        quiet = quiet + 1 if requests_in_flight(port, haproxies) == 0 else 0
+        quiet = quiet + 1 if requests_in_flight(port, pids) == 0 else 0
         if quiet == 2:
             return True
         time.sleep(0.05)
     log.warning(
         "drain deadline passed with %s request(s) still in flight",
-        requests_in_flight(port, haproxies),
+        requests_in_flight(port, pids),
     )
     return False
+
+
+def _haproxies() -> list[psutil.Process]:
+    """The HAProxy processes below this one (Serve's HAProxy mode starts them)."""
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            # By its command, not its process name: the wrapper script Serve starts
+            # (serve_app.local) is named haproxy too, and a SIGUSR1 would end it.
+            argv = proc.cmdline()
+            if argv and Path(argv[0]).name == "haproxy":
+                found.append(proc)
+    return found
 
 
 # One connection in `ss -tin` output: the socket line, then its TCP_INFO line.
@@ -74,7 +90,11 @@ def requests_in_flight(port: int, pids: list[int]) -> int:
     ``port`` counts (the drain then waits for them to close, up to its deadline)."""
     ss = shutil.which("ss")
     if ss is None:
-        return sum(1 for _a, p, st, _pid in tcp_sockets(pids) if p == port and st != "0A")
+        return sum(
+            1
+            for c in psutil.net_connections(kind="tcp")
+            if c.pid in pids and c.laddr and c.laddr.port == port and c.status != psutil.CONN_LISTEN
+        )
     out = subprocess.run(
         [ss, "-tinH", "state", "established", f"sport = :{port}"],
         capture_output=True,

@@ -7,14 +7,15 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+__all__ = ["Pipeline", "StageChain", "build_stage", "predictions", "records"]
+
 import pandas as pd
 
 from stageline.context import StageContext, resolve_home, stage_factory
 from stageline.features import StoreUnavailableError
+from stageline.outputs import predictions, records
 from stageline.spec import PipelineSpec, StageSpec, load_spec
-from stageline.stage import ERROR_COLUMN, Stage, StageError, check_rows
-from stageline.stages.postprocess import OUTPUT_COLUMNS
+from stageline.stage import Reloadable, Reporting, Stage, StageError, StageStatus, check_rows
 from stageline.stages.validate import ValidateRequest
 
 
@@ -67,21 +68,23 @@ class StageChain:
             frame = out
         return frame.set_axis(batch.index)
 
-    def reconfigure(self, config: Mapping[str, Any]) -> None:
-        """Pass each stage its section of ``config`` (``{stage_name: params}``), for
-        stages that support reloading (a model moving to another alias or version)."""
+    def reconfigure(self, config: Mapping[str, Mapping[str, Any]]) -> None:
+        """Pass each :class:`~stageline.stage.Reloadable` stage its section of ``config``
+        (``{stage_name: params}``): a model moving to another alias or version."""
         for name, stage in self.stages:
             params = config.get(name)
-            reconfigure = getattr(stage, "reconfigure", None)
-            if params is not None and callable(reconfigure):
-                reconfigure(params)
+            if params is not None and isinstance(stage, Reloadable):
+                stage.reconfigure(params)
 
-    def status(self) -> dict[str, dict[str, Any]]:
-        """Per stage: its class and, for stages that report one, their own status."""
-        out: dict[str, dict[str, Any]] = {}
+    def status(self) -> dict[str, StageStatus]:
+        """Per stage: its class and, for :class:`~stageline.stage.Reporting` stages,
+        what they report (the model a model stage serves)."""
+        out: dict[str, StageStatus] = {}
         for name, stage in self.stages:
-            report = getattr(stage, "status", None)
-            out[name] = {"class": type(stage).__name__, **(report() if callable(report) else {})}
+            report = stage.status() if isinstance(stage, Reporting) else StageStatus()
+            if not isinstance(report, StageStatus):  # a stage reporting a plain mapping
+                report = StageStatus(details=dict(report))
+            out[name] = report.model_copy(update={"stage_class": type(stage).__name__})
         return out
 
 
@@ -105,42 +108,3 @@ class Pipeline(StageChain):
     def predict(self, batch: pd.DataFrame) -> pd.DataFrame:
         """One prediction per row: id, score, label, reasons, model, error."""
         return predictions(self(batch), self.spec)
-
-
-def predictions(frame: pd.DataFrame, spec: PipelineSpec) -> pd.DataFrame:
-    """The caller-facing columns of a pipeline's output, the same in every runtime."""
-    # One constructor call, not a column at a time: on the one-row frames of online
-    # requests, pandas' per-call overhead is most of the cost.
-    id_field = spec.request.id_field
-    columns: dict[str, Any] = {id_field: frame[id_field]} if id_field in frame else {}
-    for col in OUTPUT_COLUMNS:
-        columns[col] = frame.get(col)
-    error = frame[ERROR_COLUMN] if ERROR_COLUMN in frame else pd.Series(None, index=frame.index)
-    columns["error"] = error.astype(object).where(error.notna(), None)
-    return pd.DataFrame(columns, index=frame.index)
-
-
-def records(predicted: pd.DataFrame) -> list[dict[str, Any]]:
-    """JSON-ready dicts: NaN becomes null, numpy scalars become Python ones."""
-    columns = []
-    for name in predicted.columns:
-        series = predicted[name]
-        missing = series.isna().to_numpy()
-        values = series.to_numpy(dtype=object)
-        columns.append(
-            [None if gone else _plain(v) for v, gone in zip(values, missing, strict=True)]
-        )
-    names = [str(k) for k in predicted.columns]
-    return [dict(zip(names, row, strict=True)) for row in zip(*columns, strict=True)]
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, np.ndarray):
-        return [_plain(x) for x in v.tolist()]
-    if isinstance(v, list):
-        return [_plain(x) for x in v]
-    if isinstance(v, pd.Timestamp):
-        return v.isoformat()
-    return v

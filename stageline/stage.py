@@ -13,11 +13,12 @@ a stage only writes its vectorized ``process``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
+from pydantic import BaseModel, ConfigDict
 
 ERROR_COLUMN = "_error"
 """Column holding ``"<stage>: <reason>"`` for a row a stage rejected, else null."""
@@ -47,6 +48,57 @@ class Stage(Protocol):
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         """Return ``batch`` with this stage's columns added; same rows, same order."""
         ...
+
+
+@runtime_checkable
+class Reloadable(Protocol):
+    """A stage that can change what it serves in place (a model stage moving to another
+    alias or version) without being rebuilt. Serve calls it on a ``user_config`` change,
+    with the stage's section; a failed reload keeps serving what it had, and says so
+    in its :class:`StageStatus`."""
+
+    def reconfigure(self, params: Mapping[str, Any]) -> None: ...
+
+
+class ServedModel(BaseModel):
+    """The model a stage serves, as ``/models`` and ``/readyz`` show it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str
+    """The registered model's name."""
+    version: int
+    """The version loaded."""
+    ref: str | int
+    """What the stage was asked for: an alias (``champion``) or a version."""
+    sha256: str
+    """The model file's digest, as the registry recorded and verified it."""
+    threshold: float | None = None
+    """The decision threshold stored with the version."""
+    metrics: dict[str, Any] = {}
+    """Held-out metrics recorded at training."""
+    load_error: str | None = None
+    """Why the last reload failed (the stage kept serving ``version``), else None."""
+
+
+class StageStatus(BaseModel):
+    """What one stage reports about itself."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    stage_class: str = ""
+    """The stage's class name (filled in by the chain that runs it)."""
+    model: ServedModel | None = None
+    """The model it serves, for a stage that serves one."""
+    details: dict[str, Any] = {}
+    """Anything else the stage wants operators to see."""
+
+
+@runtime_checkable
+class Reporting(Protocol):
+    """A stage that reports its status (a model stage: the model it serves)."""
+
+    def status(self) -> StageStatus: ...
 
 
 def check_columns(stage: str, batch: pd.DataFrame, required: Iterable[str]) -> None:
@@ -107,6 +159,13 @@ def split_error(error: str) -> tuple[str, str]:
     """``"features: customer_id: required"`` -> ``("features", "customer_id: required")``."""
     stage, _, reason = error.partition(": ")
     return stage, reason
+
+
+def rejections(batch: pd.DataFrame, rows: np.ndarray[Any, np.dtype[np.bool_]]) -> dict[str, int]:
+    """How many of ``rows`` (a mask) each stage rejected: ``{stage: count}``."""
+    errors = batch.loc[rows, ERROR_COLUMN].astype(str)
+    stages = errors.str.partition(": ")[0]
+    return {str(stage): int(n) for stage, n in stages.value_counts().items()}
 
 
 class BaseStage:

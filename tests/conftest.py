@@ -1,6 +1,14 @@
 """Fixtures shared by every test tier."""
 
+# ruff: noqa: E402 - use_loopback() first, before anything here or in a test imports Ray
+
 from __future__ import annotations
+
+from stageline.localray import use_loopback
+
+# Ray reads this setting once, when it is first imported: every local Ray this run
+# starts (tests/integration's, `stageline serve` in a child process) stays on loopback.
+use_loopback()
 
 import os
 import shutil
@@ -17,9 +25,9 @@ import pytest
 
 from stageline import Pipeline
 from stageline.demo.train import DemoResult, build_demo
-from stageline.localray import free_port as free_port  # re-exported for the tests
 from stageline.spec import PipelineSpec, load_spec
 from tests.support.processes import OWN_SESSION, interrupt_on_sigterm, stop_group
+from tests.support.processes import free_port as free_port  # re-exported for the tests
 
 if TYPE_CHECKING:
     from tests.multinode import Cluster

@@ -24,12 +24,12 @@ import pytest
 import requests
 import yaml
 
-from stageline.cli import main
 from stageline.demo.train import DemoResult
-from stageline.localray import LocalCluster, LocalNode, free_port
+from stageline_cli import main
 from tests.conftest import FRAUD_SPEC, ROOT, RedisServer
 from tests.integration.serve_helpers import wait_for
-from tests.support.processes import OWN_SESSION, stop_group
+from tests.support.cluster import LocalCluster, LocalNode
+from tests.support.processes import OWN_SESSION, free_port, stop_group
 
 TIMEOUT = 30.0
 FIXTURE = "multinode"

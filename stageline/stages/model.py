@@ -12,7 +12,7 @@ import xgboost as xgb
 
 from stageline.context import StageContext
 from stageline.registry import LoadedModel, RegistryError
-from stageline.stage import BaseStage, mark_errors
+from stageline.stage import BaseStage, ServedModel, StageStatus, mark_errors
 from stageline.stages.transform import apply_encoders, encoder_outputs
 
 log = logging.getLogger(__name__)
@@ -83,18 +83,19 @@ class XGBoostPredictor(BaseStage):
         meta = self.loaded.metadata
         return f"{meta.name} v{meta.version}"
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> StageStatus:
         """What this stage serves, for ``/models`` and ``/readyz``."""
         meta = self.loaded.metadata
-        return {
-            "model": meta.name,
-            "version": meta.version,
-            "ref": self.ref,
-            "sha256": meta.sha256,
-            "threshold": meta.threshold,
-            "metrics": meta.metrics,
-            "load_error": self.load_error,
-        }
+        served = ServedModel(
+            model=meta.name,
+            version=meta.version,
+            ref=self.ref,
+            sha256=meta.sha256,
+            threshold=meta.threshold,
+            metrics=meta.metrics,
+            load_error=self.load_error,
+        )
+        return StageStatus(model=served)
 
     # -- inference -------------------------------------------------------------
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 import pandas as pd
 
 from stageline.context import StageContext
+from stageline.outputs import OUTPUT_COLUMNS
 from stageline.stage import BaseStage
-
-OUTPUT_COLUMNS = ("score", "label", "reasons", "model_name", "model_version")
-"""What every prediction carries besides the record's id."""
 
 
 class Decision(BaseStage):

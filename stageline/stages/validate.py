@@ -120,92 +120,89 @@ def validate_frame(
     return out
 
 
-def _coerce(raw: pd.Series[Any], field: FieldSpec) -> tuple[pd.Series[Any], Mask, str]:
+Coerced = tuple["pd.Series[Any]", Mask, str]
+"""(typed values, rows that could not be coerced, why)."""
+
+
+def _coerce(raw: pd.Series[Any], field: FieldSpec) -> Coerced:
     """(typed values, rows that could not be coerced, why)."""
-    kind = field.type
-    n = len(raw)
+    # A nullable field keeps its nulls (a nullable dtype); one with a default or a
+    # required one gets a plain dtype, its rejected rows holding a placeholder.
     nullable = not field.is_required and field.default is None
-    if kind in ("int", "float"):
-        if raw.dtype.kind == "b":
-            source: pd.Series[Any] = pd.Series(np.nan, index=raw.index)
-        elif raw.dtype.kind in "iuf":
-            source = raw
-        else:
-            source = raw.astype(object).map(lambda v: _parse(kind, v))
-        num = pd.to_numeric(source, errors="coerce").astype("float64")
-        bad = np.asarray(num.isna() | ~np.isfinite(num.fillna(0.0)), dtype=bool)
-        if kind == "float":
-            return num, bad, "must be a finite number"
-        fractional = np.asarray((num % 1 != 0) & ~num.isna(), dtype=bool)
-        bad = bad | fractional | np.asarray(num.abs() >= INT_LIMIT, dtype=bool)
-        if nullable:
-            return num.where(~pd.Series(bad, index=raw.index)), bad, "must be an integer"
-        # Rejected rows hold 0, not whatever an out-of-range value wraps to.
-        return num.where(~bad, 0).astype("int64"), bad, "must be an integer"
-    if kind == "bool":
-        if raw.dtype.kind == "b":
-            return raw, np.zeros(n, dtype=bool), ""
-        if raw.dtype.kind in "iuf":
-            truth = raw.map({1: True, 0: False})
-        else:
-            truth = raw.astype(object).map(lambda v: _parse("bool", v))
-        bad = np.asarray(truth.isna(), dtype=bool)
-        return (
-            truth.astype("boolean" if nullable else object)
-            .fillna(False)
-            .astype("boolean" if nullable else bool),
-            bad,
-            "must be true or false",
-        )
-    if kind == "datetime":
-        if raw.dtype.kind in "iuf":
-            seconds = raw.astype("float64")
-            seconds = seconds.where(seconds.abs() <= _MS_WATERSHED, seconds / 1000)
-            inside = (seconds >= DATETIME_MIN.timestamp()) & (seconds < DATETIME_MAX.timestamp())
-            parsed = pd.to_datetime(seconds.where(inside), unit="s", utc=True)
-        elif raw.dtype.kind == "M":
-            parsed = pd.to_datetime(raw, utc=True)
-            parsed = parsed.where((parsed >= DATETIME_MIN) & (parsed < DATETIME_MAX))
-        else:
-            values = raw.astype(object).map(lambda v: _parse("datetime", v))
-            parsed = pd.to_datetime(values.where(values.notna(), None), utc=True)
-        return (
-            parsed.astype("datetime64[ns, UTC]"),
-            np.asarray(parsed.isna(), dtype=bool),
-            "must be an ISO 8601 date-time between "
-            f"{DATETIME_MIN:%Y-%m-%d} and {DATETIME_MAX:%Y-%m-%d}",
-        )
-    # str and category
-    if raw.dtype.kind == "b" or (kind == "category" and raw.dtype.kind in "iuf"):
-        text = raw.astype(object)
-        bad = np.ones(n, dtype=bool)
+    if field.type in ("int", "float"):
+        return _coerce_number(raw, field.type, nullable)
+    if field.type == "bool":
+        return _coerce_bool(raw, nullable)
+    if field.type == "datetime":
+        return _coerce_datetime(raw)
+    return _coerce_text(raw, field)
+
+
+def _coerce_number(raw: pd.Series[Any], kind: str, nullable: bool) -> Coerced:
+    if raw.dtype.kind == "b":
+        source: pd.Series[Any] = pd.Series(np.nan, index=raw.index)
     elif raw.dtype.kind in "iuf":
-        text = raw.astype(str).where(raw.notna(), None)
-        bad = np.zeros(n, dtype=bool)
-    elif isinstance(raw.dtype, pd.StringDtype):  # text or missing already, as parquet reads
-        text = raw
-        bad = np.zeros(n, dtype=bool)
+        source = raw
     else:
-        # Numbers become their text, as online (coerce_numbers_to_str); a category is text.
-        numbers = (int, float) if kind == "str" else ()
-        text = raw.map(
-            lambda v: str(v) if isinstance(v, numbers) and not isinstance(v, bool) else v
-        )
-        bad = np.asarray(~text.map(lambda v: isinstance(v, str) or v is None or v != v), dtype=bool)
-    if kind == "category":
+        source = raw.astype(object).map(lambda v: _parse(kind, v))
+    num = pd.to_numeric(source, errors="coerce").astype("float64")
+    bad = np.asarray(num.isna() | ~np.isfinite(num.fillna(0.0)), dtype=bool)
+    if kind == "float":
+        return num, bad, "must be a finite number"
+    fractional = np.asarray((num % 1 != 0) & ~num.isna(), dtype=bool)
+    bad = bad | fractional | np.asarray(num.abs() >= INT_LIMIT, dtype=bool)
+    if nullable:
+        return num.where(~pd.Series(bad, index=raw.index)), bad, "must be an integer"
+    # Rejected rows hold 0, not whatever an out-of-range value wraps to.
+    return num.where(~bad, 0).astype("int64"), bad, "must be an integer"
+
+
+def _coerce_bool(raw: pd.Series[Any], nullable: bool) -> Coerced:
+    if raw.dtype.kind == "b":
+        return raw, np.zeros(len(raw), dtype=bool), ""
+    if raw.dtype.kind in "iuf":
+        truth = raw.map({1: True, 0: False})
+    else:
+        truth = raw.astype(object).map(lambda v: _parse("bool", v))
+    bad = np.asarray(truth.isna(), dtype=bool)
+    return (
+        truth.astype("boolean" if nullable else object)
+        .fillna(False)
+        .astype("boolean" if nullable else bool),
+        bad,
+        "must be true or false",
+    )
+
+
+def _coerce_datetime(raw: pd.Series[Any]) -> Coerced:
+    if raw.dtype.kind in "iuf":
+        seconds = raw.astype("float64")
+        seconds = seconds.where(seconds.abs() <= _MS_WATERSHED, seconds / 1000)
+        inside = (seconds >= DATETIME_MIN.timestamp()) & (seconds < DATETIME_MAX.timestamp())
+        parsed = pd.to_datetime(seconds.where(inside), unit="s", utc=True)
+    elif raw.dtype.kind == "M":
+        parsed = pd.to_datetime(raw, utc=True)
+        parsed = parsed.where((parsed >= DATETIME_MIN) & (parsed < DATETIME_MAX))
+    else:
+        values = raw.astype(object).map(lambda v: _parse("datetime", v))
+        parsed = pd.to_datetime(values.where(values.notna(), None), utc=True)
+    return (
+        parsed.astype("datetime64[ns, UTC]"),
+        np.asarray(parsed.isna(), dtype=bool),
+        "must be an ISO 8601 date-time between "
+        f"{DATETIME_MIN:%Y-%m-%d} and {DATETIME_MAX:%Y-%m-%d}",
+    )
+
+
+def _coerce_text(raw: pd.Series[Any], field: FieldSpec) -> Coerced:
+    """A ``str`` or ``category`` field."""
+    text, bad = _as_text(raw, field.type)
+    if field.type == "category":
         allowed = list(field.values or ())
         outside = np.asarray(~text.isin(allowed), dtype=bool)
         return text, bad | outside, f"must be one of {allowed}"
     if field.max_length is not None:
-        if isinstance(text.dtype, pd.StringDtype):
-            too_long = np.asarray(text.str.len().fillna(0) > field.max_length, dtype=bool)
-        else:
-            too_long = np.asarray(
-                text.astype(object).map(
-                    lambda v: isinstance(v, str) and len(v) > (field.max_length or 0)
-                ),
-                dtype=bool,
-            )
+        too_long = _longer_than(text, field.max_length)
         if too_long.any():
             return (
                 text,
@@ -213,6 +210,31 @@ def _coerce(raw: pd.Series[Any], field: FieldSpec) -> tuple[pd.Series[Any], Mask
                 f"must be a string of at most {field.max_length} characters",
             )
     return text, bad, "must be a string"
+
+
+def _as_text(raw: pd.Series[Any], kind: str) -> tuple[pd.Series[Any], Mask]:
+    """(the values as text or None, rows that are not text)."""
+    n = len(raw)
+    if raw.dtype.kind == "b" or (kind == "category" and raw.dtype.kind in "iuf"):
+        return raw.astype(object), np.ones(n, dtype=bool)
+    if raw.dtype.kind in "iuf":
+        return raw.astype(str).where(raw.notna(), None), np.zeros(n, dtype=bool)
+    if isinstance(raw.dtype, pd.StringDtype):  # text or missing already, as parquet reads
+        return raw, np.zeros(n, dtype=bool)
+    # Numbers become their text, as online (coerce_numbers_to_str); a category is text.
+    numbers = (int, float) if kind == "str" else ()
+    text = raw.map(lambda v: str(v) if isinstance(v, numbers) and not isinstance(v, bool) else v)
+    bad = np.asarray(~text.map(lambda v: isinstance(v, str) or v is None or v != v), dtype=bool)
+    return text, bad
+
+
+def _longer_than(text: pd.Series[Any], max_length: int) -> Mask:
+    if isinstance(text.dtype, pd.StringDtype):
+        return np.asarray(text.str.len().fillna(0) > max_length, dtype=bool)
+    return np.asarray(
+        text.astype(object).map(lambda v: isinstance(v, str) and len(v) > max_length),
+        dtype=bool,
+    )
 
 
 def _parse(kind: str, v: Any) -> Any:

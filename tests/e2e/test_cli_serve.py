@@ -19,9 +19,8 @@ import requests
 
 from serve_app.local import FILL_FIRST, serve_env
 from stageline.demo.train import DemoResult
-from stageline.localray import descendants, listening
 from tests.conftest import FRAUD_SPEC, free_port, register_challenger
-from tests.support.processes import spawned
+from tests.support.processes import descendants, listening, spawned
 
 pytestmark = pytest.mark.e2e
 
@@ -30,7 +29,7 @@ def stageline(home: Path, *args: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "stageline.cli",
+        "stageline_cli",
         *args,
         "--spec",
         str(FRAUD_SPEC),
@@ -173,7 +172,7 @@ defaults
     timeout connect 5s
     timeout client 30s
     timeout server 30s
-    balance leastconn
+    balance {balance}
 listen stats
     bind *:{stats}
     stats enable
@@ -190,18 +189,24 @@ backend http-other
 
 
 @pytest.mark.parametrize("fill", ["16", "0"])
-def test_haproxy_wrapper_fills_replicas_in_order(tmp_path: Path, fill: str) -> None:
-    """The config Ray Serve writes, as the wrapper hands it to the real HAProxy (in
-    check mode): stats on a Unix socket; with a fill, every replica of a backend but the
-    last capped at that many requests and ``balance first``; with 0, as Serve wrote it."""
+def test_haproxy_wrapper_fills_replicas_in_order(
+    tmp_path: Path, fill: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The config Ray Serve writes with ``stageline serve``'s settings, as the wrapper
+    hands it to the real HAProxy (in check mode): stats on a Unix socket; with a fill,
+    every replica of a backend but the last capped at that many requests and ``balance
+    first``; with 0, as Serve writes it by default."""
+    assert serve_env(tmp_path)["STAGELINE_HAPROXY_FILL"] == str(FILL_FIRST)
+    monkeypatch.setenv("STAGELINE_HAPROXY_FILL", fill)
     env = serve_env(tmp_path)
-    assert env["STAGELINE_HAPROXY_FILL"] == str(FILL_FIRST)
     config = tmp_path / "haproxy.cfg"
-    config.write_text(SERVE_HAPROXY_CFG.format(stats=8404))  # Serve's default stats port
+    # Serve's default stats port; the balance algorithm Serve renders from its setting.
+    balance = env["RAY_SERVE_HAPROXY_BALANCE_ALGORITHM"]
+    config.write_text(SERVE_HAPROXY_CFG.format(stats=8404, balance=balance))
     for _ in range(2):  # a restart on the same file changes nothing more
         check = subprocess.run(
             [env["RAY_SERVE_HAPROXY_BINARY_PATH"], "-c", "-f", str(config)],
-            env={**os.environ, **env, "STAGELINE_HAPROXY_FILL": fill},
+            env={**os.environ, **env},
             capture_output=True,
             text=True,
             timeout=60,

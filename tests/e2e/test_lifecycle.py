@@ -60,7 +60,7 @@ class Server:
         self.ports = (port, metrics)
         self.log = log
         env = {k: v for k, v in os.environ.items() if k not in ("STAGELINE_API_KEY", RUN_ENV)}
-        argv = [sys.executable, "-m", "stageline.cli", "serve", "--spec", str(FRAUD_SPEC)]
+        argv = [sys.executable, "-m", "stageline_cli", "serve", "--spec", str(FRAUD_SPEC)]
         argv += ["--home", str(home), "--port", str(port), "--metrics-port", str(metrics)]
         with log.open("w") as sink:
             self.process = subprocess.Popen(

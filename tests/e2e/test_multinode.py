@@ -21,11 +21,11 @@ import requests
 
 from stageline import Pipeline
 from stageline.demo.batch import transactions
-from stageline.localray import descendants, listening, process_name
 from stageline.spec import PipelineSpec
 from tests.conftest import SMALL_DEMO
 from tests.integration.serve_helpers import client_records, in_process, predict, wait_for
 from tests.multinode import TIMEOUT, Cluster
+from tests.support.processes import descendants, listening, process_name
 
 pytestmark = pytest.mark.e2e
 

@@ -17,11 +17,10 @@ import pytest
 import requests
 
 from bench.procmem import sample
-from stageline.localray import descendants, process_name
 from stageline.spec import load_spec
 from tests.conftest import GOOD_RECORD, deploy_app, free_port
 from tests.integration.serve_helpers import app_details, delete_apps, wait_for
-from tests.support.processes import spawned
+from tests.support.processes import descendants, process_name, spawned
 
 Json = dict[str, Any]
 TIMEOUT = 30.0
@@ -152,7 +151,7 @@ def served(
     shutil.copytree(request.getfixturevalue("demo").home, home)
     port, metrics = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
-    argv = [sys.executable, "-m", "stageline.cli", "serve", "--spec", str(spec)]
+    argv = [sys.executable, "-m", "stageline_cli", "serve", "--spec", str(spec)]
     argv += ["--home", str(home), "--port", str(port), "--metrics-port", str(metrics)]
     env = {k: v for k, v in os.environ.items() if k != "STAGELINE_API_KEY"}
     log = workdir / "serve.out"

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -26,15 +27,15 @@ import pandas as pd
 import pytest
 import yaml
 
-from batch_app.run import MANIFEST, QUARANTINE, STAGING, Summary, run
+from batch_app.manifest import MANIFEST, QUARANTINE, STAGED_DATA, STAGING
+from batch_app.run import Summary, run
 from stageline import Pipeline
 from stageline.demo.batch import transactions
-from stageline.localray import descendants, process_name
 from stageline.spec import DATETIME_MAX, DATETIME_MIN, load_spec
 from tests.conftest import FRAUD_SPEC, SMALL_DEMO
 from tests.integration.serve_helpers import wait_for
 from tests.multinode import Cluster
-from tests.support.processes import spawned
+from tests.support.processes import descendants, process_name, spawned
 
 pytestmark = pytest.mark.faults
 
@@ -80,7 +81,19 @@ def published_ids(output: Path) -> list[str]:
 
 def staged(output: Path) -> bool:
     """Whether a run in progress has written its first scored batch."""
-    return bool(list((output / STAGING).glob("*/data/*.parquet")))
+    return bool(list((output / STAGING).glob(f"*/{STAGED_DATA}/*.parquet")))
+
+
+def wait_until_staged(
+    process: subprocess.Popen[bytes], output: Path, log: Path, timeout_s: float = 180
+) -> None:
+    """Until the batch run ``process`` drives has staged its first scored batch into
+    ``output``; fails with the run's log if it ends or takes longer first."""
+    deadline = time.monotonic() + timeout_s
+    while not staged(output):
+        assert process.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
 
 
 def exactly_once(output: Path, frame: pd.DataFrame) -> tuple[int, int]:
@@ -288,42 +301,45 @@ def test_poison_rows_are_quarantined_with_reasons_and_the_run_completes(
 # --------------------------------------------------------------------------- case 10
 
 
+@pytest.mark.parametrize("own_ray", [False, True], ids=["on-the-cluster", "with-its-own-ray"])
 def test_driver_killed_midway_then_rerun_leaves_complete_output_without_duplicates(
-    ray_session: None, demo_home: Path, tmp_path: Path
+    ray_session: None, demo_home: Path, tmp_path: Path, own_ray: bool
 ) -> None:
-    """The nightly run's driver is killed (SIGKILL, no cleanup) once it has staged its
-    first batch, then run again: the output is complete and holds every row once."""
+    """The nightly run is killed (SIGKILL, no cleanup) once it has staged its first batch,
+    then run again: the output is complete and holds every row once. On a cluster
+    (``$RAY_ADDRESS``) the driver process dies alone; with a Ray of its own
+    (``python -m batch_app`` and no address), every process of the run dies at once,
+    its Ray's included, as when the machine's OOM killer or a job scheduler ends it."""
     import ray
 
     source, output = tmp_path / "in", tmp_path / "out"
     frame = landing(source, 300_000, files=6)
     spec = small_batches(tmp_path / "spec")
+    home = tmp_path / "home"
+    shutil.copytree(demo_home, home)  # a run of its own records itself under the home
     (source / "part-5.parquet").rename(tmp_path / "later.parquet")  # arrives after run 1
 
-    first = run(load_spec(spec), [str(source / "part-0.parquet")], output, demo_home)
+    first = run(load_spec(spec), [str(source / "part-0.parquet")], output, home)
     assert first.rows_out == 50_000
     (tmp_path / "later.parquet").rename(source / "part-5.parquet")
 
-    # The nightly run over the landing folder, as its own process on the same cluster.
-    env = {
-        **os.environ,
-        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
-        "RAY_AUTH_MODE": "token",
-        "PYTHONUNBUFFERED": "1",
-    }
+    # The nightly run over the landing folder, as a process of its own.
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "STAGELINE_RUN")}
+    env["PYTHONUNBUFFERED"] = "1"
+    if not own_ray:
+        env |= {"RAY_ADDRESS": ray.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
     argv = [sys.executable, "-m", "batch_app", "--spec", str(spec)]
-    argv += ["--home", str(demo_home), "--input", str(source), "--output", str(output)]
+    argv += ["--home", str(home), "--input", str(source), "--output", str(output)]
     log = tmp_path / "driver.log"
     started = time.monotonic()
     with spawned(argv, log, env) as driver:
-        deadline = time.monotonic() + 180
-        while not staged(output):
-            assert driver.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
         # The first scored batch is staged; Ray Data's backpressure keeps the rest
         # of the 250,000 rows from running far ahead of the writer.
-        driver.send_signal(signal.SIGKILL)
+        wait_until_staged(driver, output, log, timeout_s=300 if own_ray else 180)
+        if own_ray:
+            kill_run_outright(driver, home)
+        else:
+            driver.send_signal(signal.SIGKILL)
         driver.wait()
     killed_after = time.monotonic() - started
     assert driver.returncode == -signal.SIGKILL
@@ -333,7 +349,7 @@ def test_driver_killed_midway_then_rerun_leaves_complete_output_without_duplicat
     assert any((output / STAGING).iterdir()), "the killed run left its staging behind"
     assert published_ids(output) == list(frame["transaction_id"].iloc[:50_000])
 
-    again = run(load_spec(spec), source, output, demo_home)
+    again = run(load_spec(spec), source, output, home)
 
     lost, duplicated = exactly_once(output, frame)
     print(
@@ -346,6 +362,20 @@ def test_driver_killed_midway_then_rerun_leaves_complete_output_without_duplicat
     assert not any((output / STAGING).iterdir())
 
 
+def kill_run_outright(supervisor: subprocess.Popen[bytes], home: Path) -> None:
+    """SIGKILL every process of the supervised batch run ``supervisor`` leads: the child
+    that drives the run and the Ray it started (found by their run marker) first, so
+    that none of them gets to stop cleanly, then the supervisor's process group."""
+    from stageline.supervisor import end_run, records, run_processes
+
+    [(_, record)] = records(home / "run", "batch")
+    assert run_processes(record.run_id), "the run has no processes to kill"
+    end_run(record.run_id)  # no grace: SIGKILL
+    os.killpg(supervisor.pid, signal.SIGKILL)
+    end_run(record.run_id)  # anything Ray started in between
+    assert run_processes(record.run_id) == []
+
+
 def test_batch_stopped_by_sigterm_to_its_group_publishes_nothing_and_the_next_run_continues(
     ray_session: None, demo_home: Path, tmp_path: Path
 ) -> None:
@@ -353,8 +383,8 @@ def test_batch_stopped_by_sigterm_to_its_group_publishes_nothing_and_the_next_ru
     to its process group) once it has staged its first batch: it stops within the stop
     budget, says so, publishes nothing, leaves no process behind, and the next run
     scores every row exactly once."""
-    from stageline.cli import STOP_TIMEOUT_S
     from stageline.supervisor import records, run_processes
+    from stageline_cli.processes import STOP_TIMEOUT_S
 
     source, output = tmp_path / "in", tmp_path / "out"
     frame = landing(source, 200_000, files=4)
@@ -362,15 +392,11 @@ def test_batch_stopped_by_sigterm_to_its_group_publishes_nothing_and_the_next_ru
     home = tmp_path / "home"
     shutil.copytree(demo_home, home)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "STAGELINE_RUN")}
-    argv = [sys.executable, "-m", "stageline.cli", "batch", "--spec", str(spec)]
+    argv = [sys.executable, "-m", "stageline_cli", "batch", "--spec", str(spec)]
     argv += ["--home", str(home), "--input", str(source), "--output", str(output)]
     log = tmp_path / "batch.log"
     with spawned(argv, log, {**env, "PYTHONUNBUFFERED": "1"}) as batch:
-        deadline = time.monotonic() + 180
-        while not staged(output):
-            assert batch.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+        wait_until_staged(batch, output, log)
         [(_, record)] = records(home / "run", "batch")
         signalled = time.monotonic()
         os.killpg(batch.pid, signal.SIGTERM)

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import ray
 
-from stageline.localray import listening
 from tests.conftest import FRAUD_SPEC, deploy_app
 from tests.faults.load import Load
 from tests.faults.online import Served, one_record, running_replicas, served
 from tests.integration.serve_helpers import delete_apps, fraud_variant, wait_for
+from tests.support.processes import listening
 
 APP = "fault-kill"
 RECOVERY_S = 60.0

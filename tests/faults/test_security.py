@@ -28,9 +28,10 @@ import pytest
 import requests
 
 from serve_app.http import EXEMPT_PATHS, ApiKey
-from serve_app.ingress import make_api
-from stageline.localray import descendants, listening, process_name
+from serve_app.router import make_router
+from stageline.outputs import OutputContract
 from stageline.registry import LocalRegistry
+from stageline.service import ChainRunner, ScoringService
 from stageline.spec import load_spec
 from tests.conftest import FRAUD_SPEC, GOOD_RECORD, deploy_app, register_challenger
 from tests.e2e.test_http import OIP_REQUEST, UNSET_ENV, assert_error
@@ -44,6 +45,7 @@ from tests.integration.serve_helpers import (
     wait_for,
 )
 from tests.model_files import flip_a_byte, huge_sparse_file, replace_model_bytes, truncate
+from tests.support.processes import descendants, listening, process_name
 
 pytestmark = pytest.mark.faults
 
@@ -96,7 +98,9 @@ def endpoints(url: str) -> list[tuple[str, str]]:
     doc = requests.get(f"{url}/openapi.json", headers=RIGHT_KEYS["x-api-key"], timeout=TIMEOUT)
     assert doc.status_code == 200, doc.text
     found = {(m.upper(), p) for p, methods in doc.json()["paths"].items() for m in methods}
-    framework = make_api(load_spec(FRAUD_SPEC), ApiKey(UNSET_ENV))  # the routes it adds
+    spec = load_spec(FRAUD_SPEC)
+    nothing = ScoringService(spec, ChainRunner([], OutputContract(spec)))
+    framework = make_router(nothing, ApiKey(UNSET_ENV))  # the routes it adds
     for route in framework.routes:
         methods = getattr(route, "methods", None) or ()
         found |= {(m, str(getattr(route, "path", ""))) for m in methods if m != "HEAD"}

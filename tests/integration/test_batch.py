@@ -3,7 +3,10 @@ in-process pipeline, the quarantine, incremental runs and crash recovery."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +16,21 @@ import pyarrow as pa
 import pytest
 
 from batch_app.dataset import ArrowBatchChain, BatchChain
-from batch_app.run import MANIFEST, QUARANTINE, STAGING, Summary, run
+from batch_app.manifest import (
+    LOCK,
+    MANIFEST,
+    QUARANTINE,
+    STAGED_DATA,
+    STAGED_QUARANTINE,
+    STAGING,
+)
+from batch_app.ray_internals import PARQUET_READ_UNIT_ENV, SCANNER_READAHEAD_ENV, read_parquet
+from batch_app.run import Summary, run
 from stageline import Pipeline
-from stageline.cli import main
 from stageline.demo.batch import BAD_KINDS, transactions
 from stageline.features import StoreUnavailableError
 from stageline.spec import PipelineSpec
+from stageline_cli import main
 from tests.conftest import FRAUD_SPEC, SMALL_DEMO, RedisServer
 
 pytestmark = pytest.mark.integration
@@ -127,13 +139,28 @@ def _runs(output: Path) -> list[str]:
     return sorted(p.name for p in output.glob("run=*"))
 
 
+def leave_as_killed(output: Path, run_id: str, manifest: bytes | None = None) -> None:
+    """Turn ``output``, after run ``run_id`` completed, into what that run leaves when it
+    is killed (SIGKILL: nothing of it runs after) once its output is staged: its
+    published folders moved back under ``_staging/<run_id>/``, as its writer left them.
+    ``manifest``: the manifest from before the run, put back, for a kill before the
+    commit; without it, the run stays committed (a kill between commit and publish).
+
+    Both instants are too brief for a kill from outside to hit them reliably; a kill
+    from outside while a run is staging is tests/faults/test_batch_faults.py's
+    ``test_driver_killed_midway_then_rerun...``."""
+    staged = output / STAGING / run_id
+    staged.mkdir(parents=True)
+    (output / f"run={run_id}").rename(staged / STAGED_DATA)
+    rejected = output / QUARANTINE / f"run={run_id}"
+    if rejected.exists():
+        rejected.rename(staged / STAGED_QUARANTINE)
+    if manifest is not None:
+        (output / MANIFEST).write_bytes(manifest)
+
+
 def test_incremental_runs_crashes_and_full(
-    ray_session: None,
-    fraud_spec: PipelineSpec,
-    demo_home: Path,
-    holdout: pd.DataFrame,
-    tmp_path,
-    monkeypatch: pytest.MonkeyPatch,
+    ray_session: None, fraud_spec: PipelineSpec, demo_home: Path, holdout: pd.DataFrame, tmp_path
 ):
     source, output = tmp_path / "in", tmp_path / "out"
     source.mkdir()
@@ -149,36 +176,37 @@ def test_incremental_runs_crashes_and_full(
     first = go()
     assert (first.rows_in, first.files) == (300, 1)
 
-    # A new file arrives; the run dies after writing its output to staging.
+    # A new file arrives; the run is killed after staging its output, before its commit.
     add("b", slice(300, 500))
-    monkeypatch.setenv("STAGELINE_BATCH_FAULT", "staged")
-    with pytest.raises(SystemExit):
-        go()
-    assert _runs(output) == [f"run={first.run_id}"], "a crashed run published nothing"
+    before = (output / MANIFEST).read_bytes()
+    killed = go()
+    assert killed.run_id is not None
+    leave_as_killed(output, killed.run_id, manifest=before)
+    assert _runs(output) == [f"run={first.run_id}"], "a killed run published nothing"
     assert any((output / STAGING).iterdir())
     assert len(scored(output)) == 300
 
     # The rerun drops the stale staging and scores only the new file.
-    monkeypatch.delenv("STAGELINE_BATCH_FAULT")
     second = go()
     assert (second.rows_in, second.files) == (200, 1)
     assert not any((output / STAGING).iterdir())
+    assert _runs(output) == sorted([f"run={first.run_id}", f"run={second.run_id}"])
     out = scored(output)
     assert len(out) == 500
     assert out["transaction_id"].is_unique
 
-    # Dies after committing the manifest, before publishing: the next run publishes it.
+    # Killed after committing the manifest, before publishing: the next run publishes it.
     add("c", slice(500, 600))
-    monkeypatch.setenv("STAGELINE_BATCH_FAULT", "committed")
-    with pytest.raises(SystemExit):
-        go()
+    third = go()
+    assert third.run_id is not None
+    leave_as_killed(output, third.run_id)
     assert len(_runs(output)) == 2
-    monkeypatch.delenv("STAGELINE_BATCH_FAULT")
     nothing = go()
     assert nothing.run_id is None
     assert "no new input" in nothing.line()
     out = scored(output)
     assert len(_runs(output)) == 3
+    assert not any((output / STAGING).iterdir())
     assert len(out) == 600
     assert out["transaction_id"].is_unique
     manifest = json.loads((output / MANIFEST).read_text())
@@ -233,8 +261,6 @@ def test_a_second_run_on_the_same_output_is_refused(
     fraud_spec: PipelineSpec, demo_home: Path, tmp_path
 ):
     import fcntl
-
-    from batch_app.run import LOCK
 
     output = tmp_path / "out"
     output.mkdir()
@@ -343,3 +369,39 @@ def test_actors_hand_ray_their_frames_as_arrow_and_anything_else_as_it_is(
 
     actor.chain = Mixed(**kwargs)
     assert isinstance(actor(frame), pd.DataFrame)
+
+
+@pytest.mark.parametrize(
+    ("module", "variable"),
+    [
+        (
+            "ray.data._internal.datasource_v2.formats.parquet.parquet_datasource_v2",
+            PARQUET_READ_UNIT_ENV,
+        ),
+        ("ray.data._internal.datasource_v2.common.file_reader", SCANNER_READAHEAD_ENV),
+    ],
+)
+def test_ray_data_still_reads_the_settings_batch_app_gives_it(module: str, variable: str):
+    """batch_app.ray_internals sets these because Ray Data has no API for them. When this
+    fails, a Ray upgrade moved or dropped the setting: batch reads would quietly go back
+    to Ray's defaults (larger read tasks, more memory per read worker)."""
+    what = f"batch_app.ray_internals relies on Ray Data reading ${variable} in {module}"
+    try:
+        source = inspect.getsource(importlib.import_module(module))
+    except ModuleNotFoundError:
+        pytest.fail(f"{what}, and that module is gone: find what replaced it")
+    assert f'"{variable}"' in source, f"{what}, and it no longer does: find what replaced it"
+
+
+def test_a_parquet_read_leaves_the_environment_as_it_found_it(
+    ray_session: None, holdout: pd.DataFrame, tmp_path, monkeypatch: pytest.MonkeyPatch
+):
+    """A program that sets Ray Data's read unit itself keeps its setting after a run."""
+    holdout[REQUEST].head(10).to_parquet(tmp_path / "a.parquet")
+    monkeypatch.setenv(PARQUET_READ_UNIT_ENV, "12345678")
+    ds = read_parquet([str(tmp_path / "a.parquet")], 1024 * 1024)
+    assert os.environ[PARQUET_READ_UNIT_ENV] == "12345678"
+    monkeypatch.delenv(PARQUET_READ_UNIT_ENV)
+    read_parquet([str(tmp_path / "a.parquet")], 1024 * 1024)
+    assert PARQUET_READ_UNIT_ENV not in os.environ
+    assert ds.count() == 10

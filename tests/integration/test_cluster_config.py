@@ -149,8 +149,8 @@ def test_app_deploys_from_the_config_and_reloads_the_model_in_place(
         replicas = replica_ids(name)
         pinned = 0
         for deployment in app["deployments"]:
-            if "model" in deployment.get("user_config", {}):
-                deployment["user_config"] = {"model": {"version": 1}}
+            if "model" in deployment.get("user_config", {}).get("stages", {}):
+                deployment["user_config"] = {"stages": {"model": {"version": 1}}}
                 pinned += 1
         assert pinned == 1
         deploy(app)
@@ -284,7 +284,7 @@ def test_rayservice_workers_hold_every_stage_at_its_max_replicas(
 def test_batch_rayjob_runs_the_batch_cli_and_the_nightly_one_is_the_same_job():
     import shlex
 
-    from stageline.cli import build_parser
+    from stageline_cli import build_parser
 
     job, nightly = one("RayJob"), one("RayCronJob")
     assert nightly["spec"]["jobTemplate"] == job["spec"]

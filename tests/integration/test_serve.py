@@ -23,7 +23,7 @@ from ray import serve
 
 from serve_app import AppArgs, build_app
 from serve_app.app import deployment as stage_deployment
-from serve_app.ingress import admission_limit
+from serve_app.router import admission_limit
 from stageline import Pipeline
 from stageline.pipeline import StageChain
 from stageline.registry import LocalRegistry

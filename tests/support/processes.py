@@ -18,9 +18,26 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
-from bench.processes import OWN_SESSION, start, stop_group
+from bench.processes import (
+    OWN_SESSION,
+    descendants,
+    free_port,
+    listening,
+    process_name,
+    start,
+    stop_group,
+)
 
-__all__ = ["OWN_SESSION", "interrupt_on_sigterm", "spawned", "stop_group"]
+__all__ = [
+    "OWN_SESSION",
+    "descendants",
+    "free_port",
+    "interrupt_on_sigterm",
+    "listening",
+    "process_name",
+    "spawned",
+    "stop_group",
+]
 
 
 @contextmanager

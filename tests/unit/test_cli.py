@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 
 from stageline import Pipeline
-from stageline.cli import main
 from stageline.registry import LocalRegistry
+from stageline_cli import main
 from tests.conftest import FRAUD_SPEC, ROOT, register_challenger
 
 SPEC = str(FRAUD_SPEC)
@@ -178,7 +178,7 @@ def test_an_error_from_the_real_command_has_no_traceback(
     template, fragments = ERRORS["spec with an unknown key"]
     argv = expand(template, tmp=error_files, home=demo_home)
     run = subprocess.run(
-        [sys.executable, "-m", "stageline.cli", *argv],
+        [sys.executable, "-m", "stageline_cli", *argv],
         capture_output=True,
         text=True,
         timeout=60,
@@ -411,7 +411,7 @@ def test_cli_runs_from_the_repo_root_with_the_default_spec(
 
 
 def test_csv_input_treats_only_an_empty_field_as_missing(tmp_path: Path) -> None:
-    from stageline.cli import read_records
+    from stageline_cli.predict import read_records
 
     path = tmp_path / "in.csv"
     path.write_text("transaction_id,country\nt1,NA\nt2,\nt3,null\n")

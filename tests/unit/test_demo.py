@@ -99,7 +99,7 @@ def test_cli_predict_scores_exactly_as_the_registered_booster(
     command = ["predict", "--spec", "pipelines/fraud.yaml", "--input", str(source)]
     command += ["--output", str(out), "--home", str(demo_home)]
     run = subprocess.run(
-        [sys.executable, "-m", "stageline.cli", *command],
+        [sys.executable, "-m", "stageline_cli", *command],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -1,0 +1,96 @@
+"""The output folder of batch runs, its manifest, and how a crash is repaired.
+
+Layout under ``output/``::
+
+    run=<run_id>/part-*.parquet              scored rows (one per valid input row)
+    _quarantine/run=<run_id>/part-*.parquet  rejected rows: original fields, stage, reason
+    _manifest.json                           input files processed, and the committed runs
+    _staging/<run_id>/{data,quarantine}/     a run being written (never read)
+    _lock                                    held by the run in progress
+
+A run writes everything under ``_staging/<run_id>/``, then commits by replacing
+the manifest (one atomic rename), then publishes by renaming its staging folders
+into place. Before anything else, every run reconciles the folder with the
+manifest: a committed run still in staging is published, an uncommitted one is
+deleted, and a published run the manifest does not list (after ``--full``) is
+removed. So a crash at any point leaves no partial or duplicated output, and the
+inputs of an uncommitted run are simply processed again next time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from batch_app.inputs import InputFile
+from stageline._io import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "_manifest.json"
+LOCK = "_lock"
+STAGING = "_staging"
+QUARANTINE = "_quarantine"
+STAGED_DATA = "data"
+"""Under ``_staging/<run_id>/``: the scored rows, published as ``run=<run_id>``."""
+STAGED_QUARANTINE = "quarantine"
+"""Under ``_staging/<run_id>/``: the rejected rows, published under ``_quarantine``."""
+
+
+@dataclass
+class Manifest:
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, output: Path) -> Manifest:
+        path = output / MANIFEST
+        if not path.exists():
+            return cls()
+        data = json.loads(path.read_text())
+        return cls(files=dict(data.get("files", {})), runs=list(data.get("runs", [])))
+
+    def save(self, output: Path) -> None:
+        data = {"format": 1, "files": self.files, "runs": self.runs}
+        atomic_write_bytes(output / MANIFEST, json.dumps(data, indent=1).encode())
+
+    def run_ids(self) -> set[str]:
+        return {str(r["run_id"]) for r in self.runs}
+
+    def is_done(self, f: InputFile) -> bool:
+        seen = self.files.get(f.path)
+        return (
+            seen is not None and seen.get("size") == f.size and seen.get("mtime_ns") == f.mtime_ns
+        )
+
+
+def reconcile(output: Path, manifest: Manifest) -> None:
+    """Make the published folders match the manifest (see the module docstring)."""
+    committed = manifest.run_ids()
+    staging_root = output / STAGING
+    if staging_root.exists():
+        for staged in sorted(staging_root.iterdir()):
+            if staged.name in committed:
+                _publish(output, staged)
+            else:
+                log.warning("removing the output of an unfinished run: %s", staged)
+            shutil.rmtree(staged, ignore_errors=True)
+    for parent in (output, output / QUARANTINE):
+        if not parent.exists():
+            continue
+        for published in parent.glob("run=*"):
+            if published.name.removeprefix("run=") not in committed:
+                shutil.rmtree(published, ignore_errors=True)
+
+
+def _publish(output: Path, staged: Path) -> None:
+    for part, target in ((STAGED_DATA, output), (STAGED_QUARANTINE, output / QUARANTINE)):
+        source = staged / part
+        if source.exists():
+            target.mkdir(parents=True, exist_ok=True)
+            os.replace(source, target / f"run={staged.name}")

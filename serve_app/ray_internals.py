@@ -1,0 +1,201 @@
+"""Every place the online app depends on Ray Serve's internals, labelled.
+
+Ray offers no supported way to do these; each is a bet on how Ray 2.60 works inside,
+and the reason ``ray`` is pinned below 2.61. ``tests/unit/test_ray_internals.py``
+checks each against the installed Ray and, when one breaks, names it:
+
+1. :func:`keep_grpc_on_loopback`: a patch of ``ray.serve._private.replica``.
+2. :func:`versioned`: the private ``_internal`` flag that lets an application set a
+   deployment's ``version``.
+3. :func:`by_reference`: the private ``_by_reference`` handle option.
+4. :data:`SETTINGS` and :func:`haproxy_settings`: settings Ray reads from its
+   environment (``ray/serve/_private/constants.py``) and documents nowhere.
+5. :data:`HAPROXY_WRAPPER`: a script that edits the HAProxy config Ray generates
+   (``ray/serve/_private/haproxy_templates.py``), relying on lines of that template.
+
+Everything else in ``serve_app`` uses Ray's public API only.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, TypeVar
+
+from stageline.localray import LOOPBACK_ENV
+
+T = TypeVar("T")
+
+# -- 1. The replicas' gRPC server ----------------------------------------------------------
+
+GRPC_BIND = "ray.serve._private.replica.add_port_to_grpc_server"
+"""What :func:`keep_grpc_on_loopback` patches."""
+
+
+def keep_grpc_on_loopback() -> None:
+    """In loopback mode (``stageline serve``, tests: :data:`LOOPBACK_ENV`), bind this
+    replica's gRPC server for calls between deployments to 127.0.0.1.
+
+    Every Ray Serve 2.60 replica opens it on ``[::]:0``: every interface, no
+    authentication, no setting to change it. In a multi-node cluster it is left as Ray
+    made it (other nodes need it; see the README). Called by every deployment's
+    constructor, in the replica's process, before Serve starts the server."""
+    if any(os.environ.get(k) != v for k, v in LOOPBACK_ENV.items()):
+        return
+    from ray.serve._private import replica
+
+    original = replica.add_port_to_grpc_server  # type: ignore[attr-defined]
+    if getattr(original, "_stageline_loopback", False):
+        return
+
+    def on_loopback(server: Any, address: str) -> int:
+        if address.startswith("[::]:"):
+            address = "127.0.0.1:" + address.removeprefix("[::]:")
+        port: int = original(server, address)  # type: ignore[no-untyped-call]
+        return port
+
+    on_loopback._stageline_loopback = True  # type: ignore[attr-defined]
+    replica.add_port_to_grpc_server = on_loopback  # type: ignore[attr-defined]
+
+
+# -- 2. Deployment versions ----------------------------------------------------------------
+
+
+def versioned(deployment: T, version: str) -> T:
+    """``deployment`` with ``version`` set.
+
+    Without a version, ``serve.run`` gives every deployment a random one, so each
+    redeploy restarts every replica; with one, a redeploy that only changes
+    ``user_config`` reloads the running replicas in place. Ray accepts ``version`` in
+    ``Deployment.options`` only with its private ``_internal=True``."""
+    options = deployment.options  # type: ignore[attr-defined]
+    result: T = options(version=version, _internal=True)
+    return result
+
+
+# -- 3. Handle calls -----------------------------------------------------------------------
+
+
+def by_reference(handle: T, enabled: bool) -> T:
+    """``handle`` calling its deployment as a Ray actor call that passes object
+    references (True), or over Serve's gRPC path (False): the private
+    ``_by_reference`` option of ``DeploymentHandle.options``."""
+    options = handle.options  # type: ignore[attr-defined]
+    result: T = options(_by_reference=enabled)
+    return result
+
+
+# -- 4. Settings Ray reads from its environment --------------------------------------------
+
+SETTINGS = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+"""Serve runs the app's code on each replica's own event loop (as Serve's
+``RAY_SERVE_THROUGHPUT_OPTIMIZED`` mode does), not on a second loop in a thread of
+its own: one thread hop less each way per request. The app never blocks its loop
+(stages run in worker threads), which is what the second loop guards against."""
+
+HAPROXY_MODE = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
+"""Serve's HAProxy mode: HAProxy takes HTTP straight to the ingress replicas, each
+of which serves HTTP itself; no Python proxy in the path."""
+
+HAPROXY_BINARY = "RAY_SERVE_HAPROXY_BINARY_PATH"
+"""The program Serve starts as HAProxy (ours: :data:`HAPROXY_WRAPPER`)."""
+
+HAPROXY_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+"""The TCP ports of HAProxy's stats and metrics listeners (the wrapper moves them)."""
+
+
+def haproxy_settings(wrapper: str, *, retry_on: str, retries: int, fill: int) -> dict[str, str]:
+    """Serve's HAProxy settings: started as ``wrapper``, a request whose replica failed
+    it (``retry_on``) sent again up to ``retries`` times, replicas filled in order
+    (``fill`` requests each, 0: spread), and a stopping replica dropped at once."""
+    return {
+        **HAPROXY_MODE,
+        HAPROXY_BINARY: wrapper,
+        "RAY_SERVE_HAPROXY_RETRY_ON": retry_on,
+        "RAY_SERVE_HAPROXY_RETRIES": str(retries),
+        "RAY_SERVE_HAPROXY_BALANCE_ALGORITHM": "first" if fill > 0 else "leastconn",
+        FILL_ENV: str(fill),
+        # HAProxy on this node drops a stopping replica within a reload (~0.1 s); Serve's
+        # 30 s default is for load balancers elsewhere, and would hold every stop 30 s.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+    }
+
+
+# -- 5. The HAProxy config Ray writes ------------------------------------------------------
+
+FILL_ENV = "STAGELINE_HAPROXY_FILL"
+"""How many requests in flight the wrapper caps each ingress replica but the last at."""
+
+HAPROXY_TEMPLATE_LINES = (
+    "errorfile 502 ",
+    "errorfile 503 ",
+    "errorfile 504 ",
+    "frontend http_frontend",
+    "server {{ server.name }} {{ server.host }}:{{ server.port }} check",
+    "balance {{ config.balance_algorithm }}",
+    "bind *:{{ config.stats_port }}",
+    "bind :{{ config.metrics_port }}",
+)
+"""What the wrapper finds in the config Serve renders from its template (a replica's
+server line is named ``SERVE_REPLICA_<app>-<deployment>-<id>``)."""
+
+# Ray's HAProxy template binds its stats and Prometheus ports on every interface; this
+# wrapper moves those two (and only those) to Unix sockets beside HAProxy's config (one
+# folder per node), so no TCP port is picked for them and two servers never collide.
+# HAProxy gets a parent-death signal: when the Ray worker that started it dies, however
+# it dies, HAProxy ends too instead of holding the HTTP port.
+# It adds stageline's rules (serve_app.haproxy.haproxy_rules: requests kept for a retry,
+# and every error HAProxy answers itself, or a replica's plain-text 503, in our JSON
+# shape), once: in place of Ray's `errorfile 50x` lines (a plain-text 500) and atop the
+# HTTP frontend. With $STAGELINE_HAPROXY_FILL > 0 it caps every replica but the last of
+# each backend at that many requests in flight (Serve balances with `first`, HAProxy's
+# fill-in-order algorithm, from haproxy_settings).
+HAPROXY_WRAPPER = """#!/bin/sh
+# Written by stageline serve. Starts HAProxy as Ray Serve asks, with the stats and
+# metrics listeners on Unix sockets, stageline's retries and JSON errors, and replicas
+# filled in order.
+stats="${RAY_SERVE_HAPROXY_STATS_PORT:-8404}"
+metrics="${RAY_SERVE_HAPROXY_METRICS_PORT:-9101}"
+fill="${STAGELINE_HAPROXY_FILL:-0}"
+prev=
+for arg in "$@"; do
+    if [ "$prev" = -f ]; then
+        dir=$(dirname "$arg")
+        bind='s|^([[:space:]]*bind )[*]?:'
+        sed -i -E -e "$bind$stats\\$|\\1unix@$dir/stats.sock mode 600|" \\
+            -e "$bind$metrics\\$|\\1unix@$dir/metrics-http.sock mode 600|" "$arg"
+        awk -v defaults={defaults} -v frontend={frontend} '
+            NR == FNR { if ($0 ~ /^[ \\t]*# stageline: added/) done = 1; next }
+            !done && /^[ \\t]*errorfile 50[234] / { next }
+            { print }
+            !done && /^defaults([ \\t]|$)/ { insert(defaults) }
+            !done && /^frontend http_frontend([ \\t]|$)/ { insert(frontend) }
+            function insert(file,  line) {
+                while ((getline line < file) > 0) print line
+                close(file)
+            }
+        ' "$arg" "$arg" > "$arg.rules" && mv "$arg.rules" "$arg"
+        if [ "$fill" -gt 0 ] 2>/dev/null; then
+            awk -v fill="$fill" '
+                NR == FNR {
+                    if ($0 ~ /^[ \\t]*backend /) b++
+                    if ($0 ~ /^[ \\t]*server SERVE_REPLICA_/) count[b]++
+                    next
+                }
+                FNR == 1 { b = 0 }
+                /^[ \\t]*backend / { b++; seen = 0 }
+                /^[ \\t]*server SERVE_REPLICA_/ && ++seen < count[b] && !/ maxconn / {
+                    $0 = $0 " maxconn " fill
+                }
+                { print }
+            ' "$arg" "$arg" > "$arg.fill" && mv "$arg.fill" "$arg"
+        fi
+    fi
+    prev=$arg
+done
+if command -v setpriv >/dev/null; then
+    exec setpriv --pdeathsig TERM -- {binary} "$@"
+fi
+exec {binary} "$@"
+"""
+"""The program Serve starts as HAProxy; ``{binary}``, ``{defaults}`` and ``{frontend}``
+are filled in by ``serve_app.haproxy.serve_env``."""

@@ -1,0 +1,240 @@
+"""The scoring service: what serving a pipeline does with records, whatever runs it.
+
+:class:`ScoringService` takes validated records and returns one scored record each
+(the :class:`~stageline.outputs.OutputContract`'s columns): concurrent calls merged
+into one frame (:class:`~stageline.batching.Merger`), a deadline on each, failures as
+the errors below. Where the stages run is a :class:`Runner`'s business: in this
+process (:class:`ChainRunner`), or in stage deployments behind handles (the Serve
+adapter's). No HTTP, no Ray: a web framework wraps it, and a test calls it directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
+
+import pandas as pd
+from pydantic import BaseModel, ConfigDict
+
+from stageline.batching import BatchOverrides, Merger
+from stageline.features import StoreUnavailableError
+from stageline.outputs import OutputContract, Record
+from stageline.spec import PipelineSpec
+from stageline.stage import StageStatus
+
+T = TypeVar("T")
+
+STATUS_TIMEOUT_S = 5.0
+"""How long a readiness check waits for every stage to answer."""
+
+
+class ServiceError(Exception):
+    """A request the service could not score, for a reason the caller may act on."""
+
+
+class UnavailableError(ServiceError):
+    """Scoring cannot happen now (a dependency down, no capacity): retry shortly."""
+
+
+class DeadlineExceededError(ServiceError):
+    """No answer within the deadline; what was still running was abandoned."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"no answer within the {seconds:g} s deadline; retry later")
+        self.seconds = seconds
+
+
+class NotReadyError(ServiceError):
+    """Not every stage answers its status."""
+
+
+class UserConfig(BaseModel):
+    """A deployment's ``user_config``: what may change on a running app without
+    restarting its replicas. Stage names sit under ``stages``, so no stage name can
+    collide with a reserved key."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    stages: dict[str, dict[str, Any]] = {}
+    """Per stage, what its ``reconfigure`` gets (``{"model": {"alias": "challenger"}}``)."""
+    batch: BatchOverrides = BatchOverrides()
+    """Batching options in place of the spec's."""
+
+
+class Chain(Protocol):
+    """Stages run back to back in this process (a ``StageChain``, or one measured)."""
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame: ...
+
+    def reconfigure(self, config: Mapping[str, Mapping[str, Any]]) -> None: ...
+
+    def status(self) -> dict[str, StageStatus]: ...
+
+
+class Runner(Protocol):
+    """Runs the pipeline's stages on records.
+
+    ``run`` returns one scored record per row, in order. When it is cancelled (the
+    deadline passed), it stops what it started: no later stage runs for those rows."""
+
+    async def run(self, rows: list[Record]) -> list[Record]: ...
+
+    async def statuses(self) -> dict[str, StageStatus]: ...
+
+    def reconfigure(self, config: Mapping[str, Mapping[str, Any]]) -> None: ...
+
+
+async def off_loop(run: Callable[..., T], *args: Any, timeout_s: float | None = None) -> T:
+    """``run(*args)`` (stages: plain blocking code) in a worker thread, given up after
+    ``timeout_s``.
+
+    On the event loop a slow stage call would hold up every other request, and no
+    deadline could fire before it returned. In a thread the loop stays free, and at
+    the deadline the caller moves on: Python cannot stop the thread, so the call
+    finishes on its own, but nothing waits for it or uses its result."""
+    return await asyncio.wait_for(asyncio.to_thread(run, *args), timeout_s)
+
+
+class AbandonedError(Exception):
+    """Raised in a worker thread nobody waits for any more; never seen by a caller."""
+
+
+class LocalRun:
+    """Chains that run in this process back to back: one call in a worker thread.
+    Between chains it checks whether the request was abandoned (its deadline passed):
+    no chain after that one runs.
+
+    The first run of a request also builds its frame from the rows, and a run that
+    ends the pipeline also turns the output into records: the whole pandas part of a
+    request in one thread call, not spread over the event loop around it."""
+
+    def __init__(
+        self, chains: list[Chain], contract: OutputContract, *, first: bool = False
+    ) -> None:
+        self.chains = chains
+        self.contract = contract
+        self.first = first
+        self.last = False
+
+    def __call__(self, data: Any, abandoned: threading.Event) -> Any:
+        frame = pd.DataFrame.from_records(data) if self.first else data
+        for chain in self.chains:
+            if abandoned.is_set():
+                raise AbandonedError
+            frame = chain(frame)
+        return self.contract.records(frame) if self.last else frame
+
+    def reconfigure(self, config: Mapping[str, Mapping[str, Any]]) -> None:
+        for chain in self.chains:
+            chain.reconfigure(config)
+
+    def statuses(self) -> dict[str, StageStatus]:
+        out: dict[str, StageStatus] = {}
+        for chain in self.chains:
+            out.update(chain.status())
+        return out
+
+
+class LocalRuns:
+    """Runs :class:`LocalRun` s one at a time, as stages need not be thread-safe (a run
+    abandoned at its deadline may still be finishing beside the next one)."""
+
+    def __init__(self) -> None:
+        self._lock = asyncio.Lock()
+
+    async def __call__(self, run: LocalRun, data: Any, abandoned: threading.Event) -> Any:
+        async with self._lock:
+            try:
+                return await off_loop(run, data, abandoned)
+            except asyncio.CancelledError:
+                abandoned.set()  # the chains after the running one never start
+                raise
+
+
+class ChainRunner:
+    """Every stage in this process: the ``local`` placement, and ``stageline predict``."""
+
+    def __init__(self, chains: Sequence[Chain], contract: OutputContract) -> None:
+        self.step = LocalRun(list(chains), contract, first=True)
+        self.step.last = True
+        self.local = LocalRuns()
+
+    async def run(self, rows: list[Record]) -> list[Record]:
+        records: list[Record] = await self.local(self.step, rows, threading.Event())
+        return records
+
+    async def statuses(self) -> dict[str, StageStatus]:
+        return self.step.statuses()
+
+    def reconfigure(self, config: Mapping[str, Mapping[str, Any]]) -> None:
+        self.step.reconfigure(config)
+
+
+class ScoringService:
+    """Scores validated records with ``runner``, within ``spec``'s deadline.
+
+    Concurrent calls share one frame through every stage when ``spec.serve.ingress``
+    has batching: a stage is called once per batch, not once per call."""
+
+    def __init__(self, spec: PipelineSpec, runner: Runner) -> None:
+        self.spec = spec
+        self.runner = runner
+        self.contract = OutputContract(spec)
+        self.timeout_s = spec.serve.request_timeout_s
+        batching = spec.serve.ingress.batch
+        self.merger: Merger[list[Record], list[Record]] | None = None
+        if batching is not None:
+            self.merger = Merger(
+                self._score_all,
+                max_size=batching.max_size,
+                wait_ms=batching.wait_ms,
+                regroup_ms=batching.regroup_ms,
+                in_flight=spec.serve.ingress.in_flight,
+            )
+
+    async def score(self, rows: list[Record]) -> list[Record]:
+        """One scored record per row (rejected ones carry ``error``).
+
+        Raises :class:`DeadlineExceededError` or :class:`UnavailableError`."""
+        if self.merger is not None:
+            return await self.merger(rows)
+        return (await self._score_all([rows]))[0]
+
+    async def _score_all(self, calls: list[list[Record]]) -> list[list[Record]]:
+        scored = await self._run([row for rows in calls for row in rows])
+        out, start = [], 0
+        for rows in calls:
+            out.append(scored[start : start + len(rows)])
+            start += len(rows)
+        return out
+
+    async def _run(self, rows: list[Record]) -> list[Record]:
+        try:
+            return await asyncio.wait_for(self.runner.run(rows), self.timeout_s)
+        except asyncio.TimeoutError:
+            raise DeadlineExceededError(self.timeout_s) from None
+        except StoreUnavailableError as e:
+            raise UnavailableError(f"the feature store is unavailable: {e}") from None
+
+    async def ready(self) -> dict[str, StageStatus]:
+        """Every stage's status; :class:`NotReadyError` when any does not answer in time."""
+        try:
+            return await asyncio.wait_for(self.runner.statuses(), STATUS_TIMEOUT_S)
+        except Exception as e:  # any failure to answer means not ready
+            raise NotReadyError(f"not every stage is ready: {e or type(e).__name__}") from None
+
+    async def models(self) -> list[Record]:
+        """The models the stages serve: ``{"stage", "class", "model", "version", ...}``."""
+        return [
+            {"stage": name, "class": s.stage_class, **s.model.model_dump()}
+            for name, s in (await self.ready()).items()
+            if s.model is not None
+        ]
+
+    def reconfigure(self, config: UserConfig) -> None:
+        """A ``user_config`` change: stages reload, batching changes."""
+        if self.merger is not None:
+            self.merger.configure(config.batch)
+        self.runner.reconfigure(config.stages)
