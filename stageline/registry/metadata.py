@@ -135,21 +135,24 @@ def parse_model_ref(ref: str) -> tuple[str, str | int]:
 
 
 def check_name(name: object, *, what: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise RegistryError(
-            f"{what}: bad model name {name!r}; use lowercase letters, digits, '_', '-' "
-            "and '.', starting with a letter or digit (at most 64 characters), e.g. 'fraud'"
-        )
-    return name
+    return _matching(
+        name, NAME_RE, f"{what}: bad model name {name!r}; use lowercase letters, digits, "
+        "'_', '-' and '.', starting with a letter or digit (at most 64 characters), e.g. 'fraud'",
+    )  # fmt: skip
 
 
 def check_alias(alias: object, *, what: str) -> str:
-    if not isinstance(alias, str) or not ALIAS_RE.fullmatch(alias):
-        raise RegistryError(
-            f"{what}: bad alias {alias!r}; an alias is a lowercase letter followed by "
-            "letters, digits, '_' or '-' (never a number), e.g. 'champion'"
-        )
-    return alias
+    return _matching(
+        alias, ALIAS_RE, f"{what}: bad alias {alias!r}; an alias is a lowercase letter "
+        "followed by letters, digits, '_' or '-' (never a number), e.g. 'champion'",
+    )  # fmt: skip
+
+
+def _matching(value: object, pattern: re.Pattern[str], error: str) -> str:
+    """``value`` if it is a string that ``pattern`` matches whole, else a RegistryError."""
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise RegistryError(error)
+    return value
 
 
 def check_version(version: object, *, what: str) -> int:
