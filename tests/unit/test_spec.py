@@ -17,20 +17,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from stageline.demo.data import MERCHANTS
 from stageline.spec import PipelineSpec, SpecError, load_spec
 from stageline.stages.validate import validate_frame
 from tests.conftest import FRAUD_SPEC, GOOD_RECORD
 
-CATEGORIES: tuple[str, ...] = (
-    "grocery",
-    "restaurant",
-    "fuel",
-    "travel",
-    "electronics",
-    "fashion",
-    "jewelry",
-    "online",
-)
+CATEGORIES: tuple[str, ...] = MERCHANTS
+"""The spec's merchant categories are the ones the demo's data has."""
 
 
 # --------------------------------------------------------------------------- fraud.yaml
