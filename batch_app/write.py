@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batch_app.manifest import STAGED_DATA, STAGED_QUARANTINE
-from stageline.outputs import OUTPUT_COLUMNS, OutputContract
+from stageline.outputs import OutputContract
 from stageline.spec import PipelineSpec
 from stageline.stage import ERROR_COLUMN, split_error
 from stageline.stages.validate import RAW_COLUMN
@@ -36,6 +36,7 @@ class Writers:
         self.run_id = run_id
         self.id_field = spec.request.id_field
         self.fields = list(spec.request.fields)
+        self.contract = OutputContract(spec)
         self.data = PartWriter(staging / STAGED_DATA, self.data_schema())
         self.quarantine = PartWriter(staging / STAGED_QUARANTINE, self.quarantine_schema())
         self.rows_in = self.rows_out = self.rows_quarantined = 0
@@ -43,7 +44,7 @@ class Writers:
 
     def data_schema(self) -> pa.Schema:
         """The id, every output of the pipeline's contract, and the run."""
-        return OutputContract(self.spec).arrow_schema(("run_id", pa.string()))
+        return self.contract.arrow_schema(("run_id", pa.string()))
 
     def quarantine_schema(self) -> pa.Schema:
         return pa.schema(
@@ -58,7 +59,7 @@ class Writers:
 
     def columns(self) -> list[str]:
         """What the writer reads of the pipeline's output."""
-        wanted = [self.id_field, *self.fields, *OUTPUT_COLUMNS, ERROR_COLUMN, RAW_COLUMN]
+        wanted = [self.id_field, *self.fields, *self.contract.columns, ERROR_COLUMN, RAW_COLUMN]
         return list(dict.fromkeys(wanted))
 
     def write(self, batch: pa.Table) -> None:
@@ -78,7 +79,10 @@ class Writers:
         n = good.num_rows
         columns = {
             self.id_field: good[self.id_field],
-            **{c: good[c] for c in OUTPUT_COLUMNS},
+            # Model columns are null where no stage names the model.
+            **{
+                c: good[c] if c in good.column_names else pa.nulls(n) for c in self.contract.columns
+            },
             "run_id": pa.repeat(pa.scalar(self.run_id, pa.string()), n),
         }
         table = pa.table(
@@ -91,7 +95,9 @@ class Writers:
             ["model_name", "model_version"]
         )
         self.models.update(
-            f"{r['model_name']} v{r['model_version']}" for r in served.aggregate([]).to_pylist()
+            f"{r['model_name']} v{r['model_version']}"
+            for r in served.aggregate([]).to_pylist()
+            if r["model_name"] is not None
         )
 
     def _write_bad(self, bad: pd.DataFrame) -> None:

@@ -36,7 +36,7 @@ from stageline_cli.common import DEFAULT_SPEC
 
 api = FastAPI()
 ANSWER: dict[str, Any] = {
-    "predictions": [{"id": "t1", "score": 0.5, "label": False, "reasons": []}],
+    "predictions": [{"transaction_id": "t1", "score": 0.5, "label": False, "reasons": []}],
     "model": {"name": "noop", "version": 1},
 }
 

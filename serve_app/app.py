@@ -137,8 +137,9 @@ def code_version(spec: PipelineSpec, home: str, args: AppArgs) -> str:
     With this version a redeploy that changes only ``args.model`` (``user_config``)
     is Serve's lightweight update: the running replicas reload the model in place.
     A change to the spec, the home, the API key settings or the code (``serve_app``,
-    ``stageline``, a stage's module) still restarts them, as ``serve run --reload``
-    expects. (``serve deploy`` of a config versions by its import path and args.)
+    ``stageline``, a stage's module or a file its params name) still restarts them, as
+    ``serve run --reload`` expects. (``serve deploy`` of a config versions by its import
+    path and args.)
     """
     inputs = {
         "spec": spec.model_dump(mode="json"),
@@ -150,6 +151,13 @@ def code_version(spec: PipelineSpec, home: str, args: AppArgs) -> str:
     packages = [Path(__file__).parent, Path(inspect.getfile(PipelineSpec)).parent]
     sources = {f for p in packages for f in p.rglob("[!.]*.py")}  # not editors' lock files
     sources |= {Path(inspect.getfile(resolve_class(s.uses, spec.base_dir))) for s in spec.stages}
+    # Files a stage's params name by path (an OnDemandTransform's `function: file.py:fn`).
+    sources |= {
+        spec.base_dir / value.rsplit(":", 1)[0]
+        for s in spec.stages
+        for value in s.params.values()
+        if isinstance(value, str) and ".py:" in value
+    }
     for source in sorted(sources):
         with contextlib.suppress(FileNotFoundError):  # deleted since the listing
             digest.update(f"{source}\0".encode() + source.read_bytes())

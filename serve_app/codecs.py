@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from serve_app.http import ApiError
-from stageline.outputs import OutputContract, Record
+from stageline.outputs import PYTHON_TYPES, OutputContract, Record
 from stageline.spec import PipelineSpec
 from stageline.stage import split_error
 
@@ -43,6 +43,24 @@ class RequestCodec:
                 Field(min_length=1, max_length=spec.serve.max_records),
             ),
         )
+        self.answer = self._answer_model(spec)
+
+    def _answer_model(self, spec: PipelineSpec) -> type[BaseModel]:
+        """The ``/predict`` answer as a pydantic model, for the OpenAPI page: one item
+        per record, with the declared outputs or the reason it was not scored."""
+        fields: dict[str, Any] = {
+            self.contract.id_field: (Any, Field(description="The record's id.")),
+            "error": (_RecordError | None, None),
+        }
+        for f in self.contract.outputs:
+            fields[f.name] = (PYTHON_TYPES[f.type] | None, Field(None, description=f.description))
+        item = create_model(f"{_title(spec.name)}Prediction", **fields)
+        return create_model(
+            f"{_title(spec.name)}PredictAnswer",
+            predictions=(list[item], ...),  # type: ignore[valid-type]
+            model=(_ModelRef | None, None),
+            request_id=(str, ...),
+        )
 
     def records(self, payload: Any, message: str = "the request is not valid") -> list[Record]:
         """The records of a ``/predict`` body, validated (else a 422 naming each field)."""
@@ -52,16 +70,45 @@ class RequestCodec:
             raise ApiError(422, "invalid_request", message, details=validation_details(e)) from None
         return [r.model_dump() for r in parsed.records]  # type: ignore[attr-defined]
 
+    def each_record(self, payload: Any) -> tuple[list[Record], dict[int, Record]]:
+        """``?partial=true``: the valid records of a ``/predict`` body, and for each
+        invalid one (by its place) the reason, as a stage's rejection reads. The body's
+        own shape (a ``records`` list of 1 to ``max_records``) must still be right."""
+        if not isinstance(payload, dict) or set(payload) != {"records"}:
+            return self.records(payload), {}  # the whole body is wrong: a 422 as usual
+        raw = payload["records"]
+        if not isinstance(raw, list) or not 1 <= len(raw) <= self.spec.serve.max_records:
+            return self.records(payload), {}
+        valid: list[Record] = []
+        invalid: dict[int, Record] = {}
+        for i, record in enumerate(raw):
+            try:
+                valid.append(self.record.model_validate(record).model_dump())
+            except ValidationError as e:
+                reasons = "; ".join(
+                    f"{d['field']}: {d['message']}" if "field" in d else d["message"]
+                    for d in validation_details(e)
+                )
+                rid = record.get(self.contract.id_field) if isinstance(record, dict) else None
+                invalid[i] = {self.contract.id_field: rid, "error": f"request: {reasons}"}
+        return valid, invalid
+
     # -- /predict ----------------------------------------------------------------------
 
-    def predict_answer(self, scored: list[Record], request_id: str) -> Record:
-        """The ``/predict`` answer; a 422 when no record could be scored."""
+    def predict_answer(
+        self, scored: list[Record], request_id: str, invalid: dict[int, Record] | None = None
+    ) -> Record:
+        """The ``/predict`` answer; a 422 when no record could be scored. ``invalid``:
+        records refused before scoring (``?partial=true``), put back in their places."""
+        rows = iter(scored)
+        total = len(scored) + len(invalid or {})
+        scored = [(invalid or {}).get(i) or next(rows) for i in range(total)]
         out, failed = [], []
         id_field = self.contract.id_field
         for i, row in enumerate(scored):
             if row["error"]:
                 stage, reason = split_error(row["error"])
-                out.append({"id": row[id_field], "error": {"stage": stage, "message": reason}})
+                out.append({id_field: row[id_field], "error": {"stage": stage, "message": reason}})
                 failed.append({"record": i, "stage": stage, "message": reason})
             else:
                 out.append(self.contract.prediction(row))
@@ -105,11 +152,11 @@ class RequestCodec:
         ]
         if details:
             raise ApiError(422, "rejected", "some inputs could not be scored", details=details)
-        body: Record = {
-            "model_name": name,
-            "model_version": str(int(scored[0]["model_version"])),
-            "outputs": self.contract.oip_outputs(scored, wanted),
-        }
+        body: Record = {"model_name": name}
+        model = self.contract.model(scored[0])
+        if model is not None:
+            body["model_version"] = str(model["version"])
+        body["outputs"] = self.contract.oip_outputs(scored, wanted)
         if "id" in payload:
             body["id"] = payload["id"]
         return body
@@ -126,6 +173,18 @@ class RequestCodec:
             ],
             "outputs": self.contract.oip_metadata(),
         }
+
+
+class _RecordError(BaseModel):
+    stage: str
+    """The stage that rejected the record."""
+    message: str
+    """Why."""
+
+
+class _ModelRef(BaseModel):
+    name: str
+    version: int
 
 
 def validation_details(error: ValidationError) -> list[dict[str, Any]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import threading
 from pathlib import Path
 from typing import Any
@@ -100,5 +101,6 @@ def stop(home: Path | None = None, serve_timeout_s: float | None = None) -> None
 
 
 def example_curl(url: str, record: dict[str, Any]) -> str:
+    """A shell command that posts ``record``, quoted for a POSIX shell."""
     body = json.dumps({"records": [record]}, default=str)
-    return f"curl -s {url}/predict -H 'Content-Type: application/json' -d '{body}'"
+    return f"curl -s {url}/predict -H 'Content-Type: application/json' -d {shlex.quote(body)}"

@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app.codecs import RequestCodec
@@ -44,6 +45,10 @@ from stageline.spec import PipelineSpec
 
 log = logging.getLogger("ray.serve")
 
+DOCS_ASSETS = "/docs/static"
+"""Where the docs pages' scripts, styles and icon are served (behind the API key, as the
+pages are)."""
+
 AppStatus = Callable[[], Awaitable[dict[str, Any]]]
 """The status of the application around this replica, for ``/readyz`` (Serve's)."""
 
@@ -54,10 +59,14 @@ def make_router(
     """The FastAPI app serving ``service``: every route, error and limit."""
     spec = service.spec
     codec = RequestCodec(spec)
-    app = FastAPI(
+    # /docs and /redoc with Swagger UI and ReDoc from the package, not a CDN: clusters
+    # that score are often air-gapped. The pages find their assets and the document
+    # under Serve's route prefix (root_path).
+    app: FastAPI = FastAPIOffline(
         title=f"stageline: {spec.name}",
         description=spec.description or f"Predictions of the {spec.name} pipeline.",
         version="1",
+        static_url=DOCS_ASSETS,
     )
     _error_handlers(app)
     app.add_middleware(
@@ -112,11 +121,21 @@ def _scoring_routes(app: FastAPI, service: ScoringService, codec: RequestCodec) 
         }
     }
 
-    @app.post("/predict", openapi_extra=predict_doc, summary="Score records")
-    async def predict(request: Request) -> JSONResponse:
-        rows = codec.records(await _body(request))
-        scored = await service.score(rows)
-        return JSONResponse(codec.predict_answer(scored, request_id_of(request.scope)))
+    @app.post(
+        "/predict",
+        openapi_extra=predict_doc,
+        summary="Score records",
+        responses={200: {"model": codec.answer, "description": "One prediction per record"}},
+    )
+    async def predict(request: Request, partial: bool = False) -> JSONResponse:
+        """One prediction per record. An invalid record fails the whole request (a 422
+        naming each); with ``?partial=true`` it is answered in its place with its
+        reason, as a record a stage rejects, and the others are scored."""
+        payload = await _body(request)
+        rows, invalid = codec.each_record(payload) if partial else (codec.records(payload), {})
+        scored = await service.score(rows) if rows else []
+        answer = codec.predict_answer(scored, request_id_of(request.scope), invalid)
+        return JSONResponse(answer)
 
     @app.post("/v2/models/{name}/infer", summary="Open Inference Protocol (V2) inference")
     async def infer(name: str, request: Request) -> JSONResponse:

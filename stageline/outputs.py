@@ -1,90 +1,89 @@
-"""The output contract: what a pipeline answers for each record, written once.
+"""The output contract: what a pipeline answers for each record, declared once.
 
-Every way out of a pipeline is generated from :data:`PREDICTION` and :data:`MODEL`:
+A pipeline's outputs are declared by its spec (``outputs:``) or, by default, by its last
+stage's class (``outputs`` on a :class:`~stageline.stage.BaseStage`, as the built-in
+``Decision`` declares its own). Every way out of a pipeline is generated from them:
 the frame :meth:`OutputContract.frame` (what ``Pipeline.predict`` returns and every
 runtime computes), JSON records, the ``/predict`` item, the Open Inference Protocol
-tensors and metadata, and the batch output's Arrow schema. A new output field is one
-line here, and every codec carries it.
+tensors and metadata, the OpenAPI response, and the batch output's Arrow schema.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from stageline.spec import PipelineSpec
-from stageline.stage import ERROR_COLUMN
-
-Kind = Literal["float", "bool", "int", "str", "str_list"]
+from stageline.spec import OutputSpec, OutputType, PipelineSpec, SpecError, resolve_class
+from stageline.stage import ERROR_COLUMN, BaseStage, StageError
 
 Record = dict[str, Any]
 """One JSON-ready row: column name to a plain Python value (None for missing)."""
 
-
-@dataclass(frozen=True)
-class Output:
-    """One field of every prediction."""
-
-    name: str
-    kind: Kind
-    description: str
-
-    @property
-    def arrow_type(self) -> pa.DataType:
-        return _ARROW[self.kind]
-
-    @property
-    def oip_datatype(self) -> str:
-        return _OIP[self.kind]
-
-
-_ARROW: dict[Kind, pa.DataType] = {
+ARROW_TYPES: dict[OutputType, pa.DataType] = {
     "float": pa.float64(),
     "bool": pa.bool_(),
     "int": pa.int64(),
     "str": pa.string(),
     "str_list": pa.list_(pa.string()),
 }
-_OIP: dict[Kind, str] = {
+OIP_TYPES: dict[OutputType, str] = {
     "float": "FP64",
     "bool": "BOOL",
     "int": "INT64",
     "str": "BYTES",
     "str_list": "BYTES",  # OIP has no list type: the strings joined by commas
 }
+PYTHON_TYPES: dict[OutputType, Any] = {
+    "float": float,
+    "bool": bool,
+    "int": int,
+    "str": str,
+    "str_list": list[str],
+}
 
-PREDICTION: tuple[Output, ...] = (
-    Output("score", "float", "The model's score for the record."),
-    Output("label", "bool", "The decision: score at or over the model's threshold."),
-    Output("reasons", "str_list", "Features that pushed the score up most, strongest first."),
+MODEL: tuple[OutputSpec, ...] = (
+    OutputSpec(name="model_name", type="str", description="The model that scored the record."),
+    OutputSpec(name="model_version", type="int", description="Its version."),
 )
-"""What a caller gets for each record it sent."""
-
-MODEL: tuple[Output, ...] = (
-    Output("model_name", "str", "The registered model that scored the record."),
-    Output("model_version", "int", "Its version."),
-)
-"""Which model answered: once per ``/predict`` response, on every batch output row."""
-
-OUTPUT_COLUMNS: tuple[str, ...] = tuple(o.name for o in (*PREDICTION, *MODEL))
-"""The columns a pipeline's last stage provides (see ``stages.postprocess.Decision``)."""
+"""Which model answered, where the pipeline's stages say (``Decision`` does): once per
+``/predict`` response, on every batch output row; null where no stage says."""
 
 ERROR = "error"
 """The output column naming why a record was not scored (``"<stage>: <reason>"``)."""
 
 
+def declared_outputs(spec: PipelineSpec) -> tuple[OutputSpec, ...]:
+    """``spec.outputs``, else what its last stage's class declares."""
+    if spec.outputs is not None:
+        return spec.outputs
+    last = spec.stages[-1]
+    cls = resolve_class(last.uses, spec.base_dir)
+    if issubclass(cls, BaseStage) and cls.outputs:
+        return cls.outputs
+    raise SpecError(
+        f"pipeline {spec.name!r}: declare what a prediction carries with `outputs:` in the "
+        f"spec (each a name and a type), or end the pipeline with a stage that declares its "
+        f"`outputs` (the last stage, {last.name!r} ({last.uses}), declares none)"
+    )
+
+
 class OutputContract:
-    """The outputs of one pipeline: its id field, then :data:`PREDICTION` and
-    :data:`MODEL`, and the codecs built from them."""
+    """The outputs of one pipeline: its id field, then its declared outputs, then
+    :data:`MODEL`; and the codecs built from them."""
 
     def __init__(self, spec: PipelineSpec) -> None:
         self.id_field = spec.request.id_field
-        self.fields: tuple[Output, ...] = (*PREDICTION, *MODEL)
+        self.outputs = declared_outputs(spec)
+        self.fields: tuple[OutputSpec, ...] = (*self.outputs, *MODEL)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The output columns of a scored frame, besides the id and ``error``."""
+        return tuple(f.name for f in self.fields)
 
     # -- frames and records ------------------------------------------------------------
 
@@ -96,6 +95,12 @@ class OutputContract:
         columns: dict[str, Any] = {}
         if self.id_field in scored:
             columns[self.id_field] = scored[self.id_field]
+        missing = [f.name for f in self.outputs if f.name not in scored]
+        if missing and len(scored):
+            raise StageError(
+                f"the pipeline declares output(s) {missing} that no stage provides (its "
+                f"columns: {sorted(map(str, scored.columns))}); fix `outputs:` or the stages"
+            )
         for field in self.fields:
             columns[field.name] = scored.get(field.name)
         error = scored.get(ERROR_COLUMN)
@@ -112,16 +117,19 @@ class OutputContract:
     # -- /predict ----------------------------------------------------------------------
 
     def prediction(self, row: Mapping[str, Any]) -> Record:
-        """One item of a ``/predict`` answer: the id and every :data:`PREDICTION` field."""
-        item: Record = {"id": row[self.id_field]}
-        for field in PREDICTION:
+        """One item of a ``/predict`` answer: the id (under the id field's own name, as
+        in the request, ``stageline predict`` and batch) and every declared output."""
+        item: Record = {self.id_field: row[self.id_field]}
+        for field in self.outputs:
             value = row[field.name]
-            item[field.name] = [] if value is None and field.kind == "str_list" else value
+            item[field.name] = [] if value is None and field.type == "str_list" else value
         return item
 
     @staticmethod
-    def model(row: Mapping[str, Any]) -> Record:
-        """``{"name", "version"}`` of the model that scored ``row``."""
+    def model(row: Mapping[str, Any]) -> Record | None:
+        """``{"name", "version"}`` of the model that scored ``row``, if a stage says."""
+        if row.get("model_name") is None:
+            return None
         return {"name": row["model_name"], "version": int(row["model_version"])}
 
     # -- Open Inference Protocol (V2) --------------------------------------------------
@@ -135,39 +143,36 @@ class OutputContract:
                 "data": [str(r[self.id_field]) for r in rows],
             }
         ]
-        for field in PREDICTION:
+        for field in self.outputs:
             tensors.append(
                 {
                     "name": field.name,
-                    "datatype": field.oip_datatype,
-                    "data": [_oip_value(field, r[field.name]) for r in rows],
+                    "datatype": OIP_TYPES[field.type],
+                    "data": [_oip_value(field.type, r[field.name]) for r in rows],
                 }
             )
         return [{**t, "shape": [len(rows)]} for t in tensors if not wanted or t["name"] in wanted]
 
     def oip_metadata(self) -> list[Record]:
         """The ``outputs`` of OIP model metadata."""
-        names = [(self.id_field, "BYTES"), *((f.name, f.oip_datatype) for f in PREDICTION)]
+        names = [(self.id_field, "BYTES"), *((f.name, OIP_TYPES[f.type]) for f in self.outputs)]
         return [{"name": n, "datatype": d, "shape": [-1]} for n, d in names]
 
     # -- batch -------------------------------------------------------------------------
 
     def arrow_schema(self, *extra: tuple[str, pa.DataType]) -> pa.Schema:
         """The batch output's schema: the id, every output field, then ``extra``."""
-        fields = [(f.name, f.arrow_type) for f in self.fields]
+        fields = [(f.name, ARROW_TYPES[f.type]) for f in self.fields]
         return pa.schema([(self.id_field, pa.string()), *fields, *extra])
 
 
-def _oip_value(field: Output, value: Any) -> Any:
-    if field.kind == "str_list":
-        return ",".join(value or [])
-    if field.kind == "float":
-        return float(value)
-    if field.kind == "bool":
-        return bool(value)
-    if field.kind == "int":
-        return int(value)
-    return str(value)
+def _oip_value(kind: OutputType, value: Any) -> Any:
+    """A value as OIP carries it: a list of strings joined by commas; null stays null."""
+    if value is None:
+        return None
+    if kind == "str_list":
+        return ",".join(value)
+    return PYTHON_TYPES[kind](value)
 
 
 def predictions(scored: pd.DataFrame, spec: PipelineSpec) -> pd.DataFrame:

@@ -32,6 +32,7 @@ from stageline.spec_features import (
     OnlineStoreSpec,
     RedisStoreSpec,
 )
+from stageline.spec_outputs import OutputSpec, OutputType
 from stageline.spec_request import (
     DATETIME_MAX,
     DATETIME_MIN,
@@ -67,6 +68,8 @@ __all__ = [
     "IngressSpec",
     "MemoryStoreSpec",
     "OnlineStoreSpec",
+    "OutputSpec",
+    "OutputType",
     "PipelineSpec",
     "RedisStoreSpec",
     "RequestSchema",
@@ -144,6 +147,9 @@ class PipelineSpec(SpecModel):
     """Feature views and the online store."""
     stages: tuple[StageSpec, ...] = Field(min_length=1)
     """The stages, in the order a batch goes through them (after ``validate``)."""
+    outputs: tuple[OutputSpec, ...] | None = None
+    """What every prediction carries besides the record's id, in order. Default: what
+    the last stage's class declares (``outputs`` on a ``BaseStage``, as ``Decision``)."""
     serve: ServeAppSpec = ServeAppSpec()
     """Options of the online application."""
     batch: BatchAppSpec = BatchAppSpec()
@@ -301,7 +307,7 @@ def load_spec(path: str | Path, *, check_stages: bool = True) -> PipelineSpec:
         for i, stage in enumerate(spec.stages):
             try:
                 cls = resolve_class(stage.uses, spec.base_dir)
-                check_params(cls, stage.params)
+                check_params(cls, stage.params, spec.base_dir)
             except SpecError as e:
                 loc: tuple[str | int, ...] = ("stages", i, "uses")
                 if isinstance(e, ParamsError):
@@ -319,7 +325,7 @@ def _format_errors(path: Path, node: yaml.Node | None, error: ValidationError) -
             loc += cause.loc
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see the spec reference in the README)"
+            msg = "unknown key (check the spelling; `stageline spec --reference` lists every key)"
         elif err["type"] == "missing":
             msg = "required key is missing"
         lines.append(f"{_where(loc, node)}: {msg}")

@@ -20,4 +20,6 @@ class LocatedError(ValueError):
 class SpecModel(BaseModel):
     """Base of every spec model: frozen, and an unknown key is an error, not ignored."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Each field's docstring is its description: in the JSON schema and the generated
+    # spec reference (stageline/spec_reference.py).
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)

@@ -20,6 +20,8 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
+from stageline.spec_outputs import OutputSpec
+
 ERROR_COLUMN = "_error"
 """Column holding ``"<stage>: <reason>"`` for a row a stage rejected, else null."""
 
@@ -179,6 +181,9 @@ class BaseStage:
 
     requires: ClassVar[tuple[str, ...]] = ()
     provides: ClassVar[tuple[str, ...]] = ()
+    outputs: ClassVar[tuple[OutputSpec, ...]] = ()
+    """What a pipeline ending in this stage answers for each record, unless its spec
+    declares ``outputs:`` (see :mod:`stageline.outputs`)."""
 
     def __init__(self, *, name: str | None = None) -> None:
         self.name = name or type(self).__name__

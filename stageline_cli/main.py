@@ -4,15 +4,41 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import select
+import signal
 import sys
 from collections.abc import Sequence
 
 from stageline.context import HOME_ENV
-from stageline_cli import batch, demo, materialize, predict, registry, serve
+from stageline_cli import batch, demo, materialize, predict, registry, serve, spec
 from stageline_cli.common import EXPECTED, HOME_HELP, CliError
+
+EXIT_PIPE_CLOSED = 128 + signal.SIGPIPE
+"""Exit status when the reader closes stdout early (``stageline predict ... | head``): what
+a shell reports for a writer that SIGPIPE stopped, as ``seq 1000000 | head`` does."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``stageline`` command; returns its exit status."""
+    try:
+        try:
+            return _run(argv)
+        finally:
+            # Inside the try, so that a reader who left early is met here, not at exit.
+            sys.stdout.flush()
+    except BrokenPipeError:
+        if not stdout_closed():
+            raise
+        # The Python docs' recipe (library/signal, "Note on SIGPIPE"): point stdout at
+        # devnull so the flush at exit fails no more, and leave quietly. SIGPIPE keeps
+        # Python's disposition: a dropped socket must stay an exception, not a silent exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_PIPE_CLOSED
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
@@ -25,12 +51,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
         return code
     except (CliError, *EXPECTED) as e:
+        if isinstance(e, BrokenPipeError) and stdout_closed():
+            raise  # no one reads on: main leaves quietly
         message = str(e).strip() or type(e).__name__
         print(f"stageline: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("stageline: interrupted", file=sys.stderr)
         return 130
+
+
+def stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone: a broken pipe elsewhere (a socket,
+    a child's stdin) is an error to report, not a reason to leave quietly."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        # Linux flags the write end of a pipe without readers POLLERR.
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no file descriptor (captured), no poll
+        return False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,4 +93,5 @@ def build_parser() -> argparse.ArgumentParser:
     registry.add_registry(add)
     serve.add_serve(add)
     materialize.add_materialize(add)
+    spec.add_spec(add)
     return parser

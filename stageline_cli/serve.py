@@ -127,8 +127,7 @@ def run_server(args: argparse.Namespace, spec: PipelineSpec, home: Path) -> int:
             example = example_record(spec, home)
             print(f"serving {spec.name} at {url}  (docs: {url}/docs)")
             print(f"metrics: http://127.0.0.1:{args.metrics_port}/metrics (Prometheus)")
-            if example is not None:
-                print(local.example_curl(url, example))
+            print(local.example_curl(url, example))
             print("Ctrl-C to stop", flush=True)
             stop.wait()
         print("stopping: draining requests in flight ...", file=sys.stderr, flush=True)

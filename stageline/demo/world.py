@@ -1,4 +1,4 @@
-"""The demo world of a home, built on first use, and a sample record from it.
+"""The demo world of a home, built on first use, and an example record from it.
 
 Used by the ``stageline`` command and the benchmarks: a run of the demo spec on an
 empty home builds the world first instead of failing on a missing model.
@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
+from pydantic import ValidationError
 
+from stageline import examples
 from stageline.spec import PipelineSpec
 
 
@@ -31,12 +35,31 @@ def ensure_demo(spec: PipelineSpec, home: Path) -> None:
             print(f"batch input: {len(parts)} files under {parts[0].parent}", file=sys.stderr)
 
 
-def example_record(spec: PipelineSpec, home: Path) -> dict[str, object] | None:
-    """One record to show in an example request: the demo's first held-out row."""
+def example_record(spec: PipelineSpec, home: Path) -> dict[str, Any]:
+    """One record to show in an example request.
+
+    The demo's first held-out row when ``home`` holds the demo and the row fits the
+    spec (a real customer, so the example finds features); else a record made from
+    the spec's request schema.
+    """
     holdout = home / "demo" / "holdout.parquet"
-    if not holdout.exists():
-        return None
-    row = pd.read_parquet(holdout).iloc[0]
-    return {
-        f: (row[f].isoformat() if f == "ts" else row[f]) for f in spec.request.fields if f in row
-    }
+    if holdout.exists():
+        row = pd.read_parquet(holdout).iloc[0]
+        if all(f in row for f in spec.request.fields):
+            record = {f: _plain(row[f]) for f in spec.request.fields}
+            try:
+                spec.request.record_model().model_validate(record)
+            except ValidationError:
+                pass
+            else:
+                return record
+    return examples.example_record(spec.request)
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-ready Python value from a pandas cell."""
+    if isinstance(value, pd.Timestamp):
+        return value.isoformat()
+    if isinstance(value, np.generic):
+        return value.item()
+    return None if pd.api.types.is_scalar(value) and pd.isna(value) else value

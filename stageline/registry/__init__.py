@@ -7,6 +7,7 @@ from stageline.registry.local import (
     ModelMetadata,
     ModelNotFoundError,
     RegistryError,
+    Task,
     parse_model_ref,
 )
 
@@ -17,5 +18,6 @@ __all__ = [
     "ModelMetadata",
     "ModelNotFoundError",
     "RegistryError",
+    "Task",
     "parse_model_ref",
 ]

@@ -14,7 +14,13 @@ from pathlib import Path
 
 import xgboost
 
-from stageline.registry.metadata import METADATA_FILE, ModelIntegrityError, ModelMetadata
+from stageline.registry.metadata import (
+    METADATA_FILE,
+    ModelIntegrityError,
+    ModelMetadata,
+    objective,
+    tasks_of,
+)
 
 MAX_MODEL_BYTES_ENV = "STAGELINE_MAX_MODEL_BYTES"
 DEFAULT_MAX_MODEL_BYTES = 512 * 2**20
@@ -44,6 +50,13 @@ def load_verified(path: Path, meta: ModelMetadata, *, max_bytes: int) -> xgboost
         raise ModelIntegrityError(
             f"{path} ({where}) has feature names {list(loaded_features)} but its "
             f"{METADATA_FILE} records {list(meta.features)}; {reregister}"
+        )
+    trained, num_class, _ = objective(booster)
+    classes = len(meta.classes) if meta.classes is not None else 0
+    if meta.task not in tasks_of(trained) or (meta.task == "multiclass" and classes != num_class):
+        raise ModelIntegrityError(
+            f"{path} ({where}) is a {trained} model with {num_class} classes but its "
+            f"{METADATA_FILE} records a {meta.task} model with {classes} classes; {reregister}"
         )
     return booster
 

@@ -44,6 +44,7 @@ from stageline.registry.integrity import (
 from stageline.registry.metadata import (
     ALIAS_RE,
     DEFAULT_ALIAS,
+    DEFAULT_THRESHOLD,
     METADATA_FILE,
     NAME_RE,
     VERSION_RE,
@@ -53,14 +54,15 @@ from stageline.registry.metadata import (
     ModelMetadata,
     ModelNotFoundError,
     RegistryError,
+    Task,
+    ThresholdDefault,
     check_alias,
     check_name,
-    check_register_args,
     check_version,
     listing,
-    new_metadata,
     parse_model_ref,
 )
+from stageline.registry.registering import check_register_args, check_task_args, new_metadata
 from stageline.registry.storage import fsync_dir, locked, version_numbers, write_durably
 
 __all__ = [
@@ -76,6 +78,7 @@ __all__ = [
     "ModelMetadata",
     "ModelNotFoundError",
     "RegistryError",
+    "Task",
     "parse_model_ref",
 ]
 
@@ -110,7 +113,9 @@ class LocalRegistry:
         *,
         features: Sequence[str],
         encoders: Mapping[str, Mapping[str, Any]] | None = None,
-        threshold: float = 0.5,
+        task: Task | None = None,
+        threshold: float | ThresholdDefault | None = DEFAULT_THRESHOLD,
+        classes: Sequence[str] | None = None,
         metrics: Mapping[str, float] | None = None,
         params: Mapping[str, Any] | None = None,
         description: str = "",
@@ -120,10 +125,16 @@ class LocalRegistry:
         """Store ``booster`` as the next version of ``name`` and return its metadata.
 
         ``features`` become the booster's feature names (a booster that already
-        has different names is refused). ``aliases`` are pointed at the new
-        version once it is in place.
+        has different names is refused). ``task`` defaults to the one the booster's
+        objective implies (``binary:*`` binary, ``multi:*`` multiclass, ``reg:*`` and
+        the like regression). ``threshold``: a binary model's, 0.5 if not given; the
+        other tasks have none. ``classes``: a multiclass model's class names in label
+        order (default ``"0"``, ``"1"``...). ``metrics``: any held-out metrics, the
+        headline one first. ``aliases`` are pointed at the new version once it is
+        in place.
         """
         features = check_register_args(name, booster, features, format, aliases)
+        task_args = check_task_args(name, booster, task, threshold, classes)
         booster.feature_names = list(features)
         raw = bytes(booster.save_raw(raw_format=format))
         if len(raw) > self.max_model_bytes:
@@ -138,7 +149,7 @@ class LocalRegistry:
             format=format,
             features=features,
             encoders=encoders,
-            threshold=threshold,
+            task=task_args,
             metrics=metrics,
             params=params,
             description=description,

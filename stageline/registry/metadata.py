@@ -7,7 +7,8 @@ reference like ``fraud@champion``) is checked here, and a bad one raises a
 
 from __future__ import annotations
 
-import hashlib
+import enum
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -16,12 +17,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pydantic
-import pydantic_core
 import xgboost
 from pydantic import ConfigDict, Field
 
 ModelFormat = Literal["ubj", "json"]
 FORMATS: tuple[ModelFormat, ...] = ("ubj", "json")
+
+Task = Literal["binary", "regression", "multiclass"]
+"""What a model predicts: a score against a threshold, a number, or one of several classes."""
+TASKS: tuple[Task, ...] = ("binary", "regression", "multiclass")
+
+
+class ThresholdDefault(enum.Enum):
+    """The type of :data:`DEFAULT_THRESHOLD`: "not given", apart from an explicit None."""
+
+    THRESHOLD = "0.5 for a binary model, none for the others"
+
+
+DEFAULT_THRESHOLD = ThresholdDefault.THRESHOLD
+"""``register``'s threshold when none is given: 0.5 for a binary model, none otherwise."""
 
 DEFAULT_ALIAS = "champion"
 """The alias a bare model name (``"fraud"``) and ``ref=None`` resolve to."""
@@ -32,6 +46,8 @@ NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 # Starting with a letter keeps aliases apart from version numbers ("3").
 ALIAS_RE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 VERSION_RE = re.compile(r"[0-9]+")
+# A class name becomes part of a column name (``score_p_<class>``) and an output's name.
+CLASS_RE = re.compile(r"[A-Za-z0-9_]{1,64}")
 
 
 class RegistryError(Exception):
@@ -69,10 +85,19 @@ class ModelMetadata(pydantic.BaseModel):
     """Feature names in the column order the model expects."""
     encoders: dict[str, dict[str, Any]] = Field(default_factory=dict)
     """Category encoders fitted at training time; opaque to the registry."""
-    threshold: float = 0.5
-    """Decision threshold applied to the model's score."""
+    task: Task = "binary"
+    """What the model predicts: ``binary`` (a score and a threshold), ``regression`` (a
+    number) or ``multiclass`` (a probability per class). Metadata written before tasks
+    were recorded is binary."""
+    threshold: float | None = None
+    """Decision threshold applied to a binary model's score (0.5 if left out); none for
+    the other tasks."""
+    classes: tuple[str, ...] | None = None
+    """A multiclass model's class names, in the order of its outputs (class ``i`` is
+    ``classes[i]``); none for the other tasks."""
     metrics: dict[str, float] = Field(default_factory=dict)
-    """Evaluation metrics recorded at training time."""
+    """Evaluation metrics recorded at training time, any names (``auc``, ``rmse``,
+    ``mlogloss``...), in the order given: listings show the first ones."""
     params: dict[str, Any] = Field(default_factory=dict)
     """Training parameters, free-form."""
     description: str = ""
@@ -94,6 +119,74 @@ class ModelMetadata(pydantic.BaseModel):
         if value.tzinfo is None or value.utcoffset() is None:
             raise ValueError("created_at must be timezone-aware")
         return value.astimezone(timezone.utc)
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _binary_default_threshold(cls, data: Any) -> Any:
+        # Before tasks, a threshold left out meant 0.5: metadata of that time still does.
+        if isinstance(data, dict) and data.get("task", "binary") == "binary":
+            return {"threshold": 0.5, **data}
+        return data
+
+    @pydantic.model_validator(mode="after")
+    def _fits_task(self) -> ModelMetadata:
+        problem = task_problem(self.task, self.threshold, self.classes)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    def metrics_summary(self, limit: int = 3) -> str:
+        """The first ``limit`` metrics as recorded, ``auc 0.912, logloss 0.301``, or ``-``."""
+        shown = [f"{k} {v:.3g}" for k, v in list(self.metrics.items())[:limit]]
+        more = len(self.metrics) - limit
+        return ", ".join(shown) + (f" (+{more})" if more > 0 else "") if shown else "-"
+
+
+def task_problem(task: Task, threshold: float | None, classes: Sequence[str] | None) -> str:
+    """What is wrong with this threshold and these classes for ``task``, or ``""``."""
+    if task == "binary" and threshold is None:
+        return "a binary model needs a threshold (label is true at or over it)"
+    if task != "binary" and threshold is not None:
+        return f"a {task} model has no threshold (got {threshold}); only binary models do"
+    if task == "multiclass":
+        if classes is None or len(classes) < 2:
+            return f"a multiclass model needs at least two class names, got {classes!r}"
+        bad = [c for c in classes if not isinstance(c, str) or not CLASS_RE.fullmatch(c)]
+        if bad:
+            return (
+                f"class names {bad} are not letters, digits and '_' (at most 64); they "
+                "name columns like score_p_<class>"
+            )
+        duplicates = sorted({c for c in classes if list(classes).count(c) > 1})
+        if duplicates:
+            return f"duplicate class names {duplicates}; name each class once"
+    elif classes is not None:
+        return f"only a multiclass model has class names; a {task} model got {list(classes)}"
+    return ""
+
+
+def objective(booster: xgboost.Booster) -> tuple[str, int, int]:
+    """The booster's objective (``binary:logistic``), its number of classes (0 unless
+    multiclass) and of targets."""
+    learner = json.loads(booster.save_config())["learner"]
+    params = learner["learner_model_param"]
+    return learner["objective"]["name"], int(params["num_class"]), int(params["num_target"])
+
+
+def tasks_of(objective: str) -> tuple[Task, ...]:
+    """The tasks a model trained with ``objective`` can serve; an unknown one, any."""
+    if objective == "reg:logistic":  # a probability: a binary score or a regressed rate
+        return ("binary", "regression")
+    family = objective.partition(":")[0]
+    one: dict[str, Task] = {
+        "binary": "binary",
+        "multi": "multiclass",
+        "reg": "regression",
+        "count": "regression",
+        "survival": "regression",
+        "rank": "regression",
+    }
+    return (one[family],) if family in one else TASKS
 
 
 @dataclass(frozen=True)
@@ -159,95 +252,6 @@ def check_version(version: object, *, what: str) -> int:
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise RegistryError(f"{what}: versions are whole numbers from 1, got {version!r}")
     return version
-
-
-def check_register_args(
-    name: str,
-    booster: xgboost.Booster,
-    features: Sequence[str],
-    format: ModelFormat,
-    aliases: Sequence[str],
-) -> tuple[str, ...]:
-    """Everything ``register`` is given that it can check up front; the features as a tuple."""
-    check_name(name, what="register()")
-    checked = _check_features(name, booster, features)
-    if format not in FORMATS:
-        raise RegistryError(f"register({name!r}): format must be 'ubj' or 'json', got {format!r}")
-    if isinstance(aliases, str):
-        raise RegistryError(
-            f"register({name!r}): aliases must be a list of names, e.g. ['champion']"
-        )
-    for alias in aliases:
-        check_alias(alias, what=f"register({name!r})")
-    return checked
-
-
-def _check_features(
-    name: str, booster: xgboost.Booster, features: Sequence[str]
-) -> tuple[str, ...]:
-    what = f"register({name!r})"
-    if isinstance(features, str):
-        raise RegistryError(f"{what}: features must be a list of column names, not one string")
-    result = tuple(features)
-    if not result or not all(isinstance(f, str) and f for f in result):
-        raise RegistryError(f"{what}: features must be a non-empty list of column names")
-    duplicates = sorted({f for f in result if result.count(f) > 1})
-    if duplicates:
-        raise RegistryError(f"{what}: duplicate feature names {duplicates}; list each once")
-    current = booster.feature_names
-    if current is not None and tuple(current) != result:
-        raise RegistryError(
-            f"{what}: the booster was trained on features {list(current)} but features="
-            f"{list(result)}; pass the booster's features in its training order"
-        )
-    if booster.num_features() != len(result):
-        raise RegistryError(
-            f"{what}: the booster expects {booster.num_features()} features but "
-            f"{len(result)} were given; pass all of them in training order"
-        )
-    return result
-
-
-def new_metadata(
-    name: str,
-    raw: bytes,
-    *,
-    format: ModelFormat,
-    features: tuple[str, ...],
-    encoders: Mapping[str, Mapping[str, Any]] | None,
-    threshold: float,
-    metrics: Mapping[str, float] | None,
-    params: Mapping[str, Any] | None,
-    description: str,
-) -> ModelMetadata:
-    """Metadata of a model about to be registered (version 1 until one is claimed).
-
-    Validated and serialized before a version is claimed, so bad metadata (e.g. a
-    numpy array in params) leaves no trace in the registry.
-    """
-    try:
-        meta = ModelMetadata(
-            name=name,
-            version=1,
-            format=format,
-            file=f"model.{format}",
-            sha256=hashlib.sha256(raw).hexdigest(),
-            size_bytes=len(raw),
-            features=features,
-            encoders={k: dict(v) for k, v in (encoders or {}).items()},
-            threshold=threshold,
-            metrics=dict(metrics or {}),
-            params=dict(params or {}),
-            description=description,
-            created_at=datetime.now(timezone.utc),
-        )
-        meta.model_dump_json()
-    except (pydantic.ValidationError, pydantic_core.PydanticSerializationError) as exc:
-        raise RegistryError(
-            f"register({name!r}): metadata is invalid or not JSON-serializable; "
-            f"pass plain str/int/float/list/dict values:\n{exc}"
-        ) from exc
-    return meta
 
 
 def listing(aliases: Mapping[str, int]) -> str:

@@ -1,4 +1,4 @@
-"""XGBoostPredictor: score rows with a registered XGBoost model."""
+"""XGBoostPredictor: score rows with a registered XGBoost model, of any task."""
 
 from __future__ import annotations
 
@@ -11,23 +11,43 @@ import pandas as pd
 import xgboost as xgb
 
 from stageline.context import StageContext
-from stageline.registry import LoadedModel, RegistryError
-from stageline.stage import BaseStage, ServedModel, StageStatus, mark_errors
+from stageline.outputs import MODEL
+from stageline.registry import LoadedModel, ModelMetadata, RegistryError, Task
+from stageline.stage import BaseStage, ServedModel, StageError, StageStatus, mark_errors
 from stageline.stages.transform import apply_encoders, encoder_outputs
 
 log = logging.getLogger(__name__)
 
+MODEL_NAME, MODEL_VERSION = (m.name for m in MODEL)
+
+
+class ModelTaskError(StageError):
+    """The registered model's task is not the one the stage was configured for."""
+
 
 class XGBoostPredictor(BaseStage):
-    """Loads ``model`` at ``alias`` (or a pinned ``version``) and adds its score.
+    """Loads ``model`` at ``alias`` (or a pinned ``version``) and adds its prediction.
 
-    Columns added, prefixed by ``output`` (default ``score``): the score, the
-    model's threshold, name and version, and with ``reasons: k`` the ``k``
-    features that pushed the score up most: XGBoost's feature contributions,
-    ``reasons_method: approx`` (Saabas, ~80x cheaper, the default) or
-    ``exact`` (TreeSHAP, ~0.5 ms per row on one core).
-    Several predictors with different ``output`` names make an ensemble; a
-    later model may use an earlier one's score as a feature.
+    ``task`` is what the stage (and the outputs the spec declares from it) expects:
+    ``binary`` (the default), ``regression`` or ``multiclass``. A model registered
+    for another task is refused at load and at reload, naming both.
+
+    Columns added, prefixed by ``output`` (default ``score``; written ``<o>``):
+
+    - binary: ``<o>`` the score, ``<o>_threshold`` the model's threshold;
+    - regression: ``<o>`` the prediction;
+    - multiclass: ``<o>_class`` the most probable class's name, ``<o>`` its
+      probability, and ``<o>_p_<class>`` the probability of each class;
+    - every task: ``<o>_model`` and ``<o>_version``, the model's name and version
+      (also as ``model_name`` and ``model_version``, the model every answer
+      reports, with ``model_identity: true``: for a pipeline without ``Decision``);
+      with ``reasons: k``, ``<o>_reasons``: the ``k`` features that pushed the
+      score, the prediction or the predicted class's probability up most.
+
+    Reasons are XGBoost's feature contributions, ``reasons_method: approx``
+    (Saabas, ~80x cheaper, the default) or ``exact`` (TreeSHAP, ~0.5 ms per row
+    on one core). Several predictors with different ``output`` names make an
+    ensemble; a later model may use an earlier one's score as a feature.
     """
 
     def __init__(
@@ -37,9 +57,11 @@ class XGBoostPredictor(BaseStage):
         context: StageContext,
         alias: str | None = None,
         version: int | None = None,
+        task: Task = "binary",
         output: str = "score",
         reasons: int = 0,
         reasons_method: Literal["approx", "exact"] = "approx",
+        model_identity: bool = False,
         nthread: int = 1,
     ) -> None:
         super().__init__(name=context.stage_name)
@@ -47,7 +69,9 @@ class XGBoostPredictor(BaseStage):
             raise ValueError("give either alias or version, not both")
         self.registry = context.registry()
         self.model_name = model
+        self.task = task
         self.output = output
+        self.model_identity = model_identity
         self.reasons = reasons
         self.approx_reasons = reasons_method == "approx"
         self.nthread = nthread
@@ -59,6 +83,15 @@ class XGBoostPredictor(BaseStage):
 
     def _load(self, ref: str | int) -> LoadedModel:
         loaded = self.registry.load(self.model_name, ref)
+        meta = loaded.metadata
+        if meta.task != self.task:
+            raise ModelTaskError(
+                f"stage {self.name!r} expects a {self.task} model (its `task` param) but "
+                f"{meta.name} v{meta.version} ({self.model_name}@{ref}) is registered as "
+                f"{meta.task}; set `task: {meta.task}` in the stage's params and declare the "
+                f"outputs it gives ({', '.join(self._columns(meta))}), or point {ref!r} at "
+                f"a {self.task} model"
+            )
         loaded.booster.set_param({"nthread": self.nthread})
         return loaded
 
@@ -72,7 +105,15 @@ class XGBoostPredictor(BaseStage):
                 self.ref, self.load_error = ref, None
                 return
             loaded = self._load(target.version)
-        except RegistryError as e:
+            current = self.loaded.metadata
+            if loaded.metadata.classes != current.classes:
+                # The spec's outputs name the class columns: a reload must keep them.
+                raise ModelTaskError(
+                    f"{target.name} v{target.version} has classes {loaded.metadata.classes} "
+                    f"but v{current.version} has {current.classes}; the pipeline's outputs "
+                    "name the classes, so change them with a new deployment, not a reload"
+                )
+        except (RegistryError, ModelTaskError) as e:
             self.load_error = f"{self.model_name}@{ref}: {e}"
             log.error("stage %r keeps serving %s: %s", self.name, self.describe(), e)
             return
@@ -95,7 +136,10 @@ class XGBoostPredictor(BaseStage):
             metrics=meta.metrics,
             load_error=self.load_error,
         )
-        return StageStatus(model=served)
+        details: dict[str, Any] = {"task": meta.task}
+        if meta.classes is not None:
+            details["classes"] = list(meta.classes)
+        return StageStatus(model=served, details=details)
 
     # -- inference -------------------------------------------------------------
 
@@ -105,9 +149,22 @@ class XGBoostPredictor(BaseStage):
         return (*(f for f in meta.features if f not in encoded), *meta.encoders)
 
     def provided_columns(self) -> tuple[str, ...]:
-        cols = [self.output, *(f"{self.output}_{s}" for s in ("threshold", "model", "version"))]
+        return self._columns(self.loaded.metadata)
+
+    def _columns(self, meta: ModelMetadata) -> tuple[str, ...]:
+        """The columns this stage adds when serving ``meta``."""
+        o = self.output
+        if meta.task == "binary":
+            cols = [o, f"{o}_threshold"]
+        elif meta.task == "multiclass":
+            cols = [o, f"{o}_class", *(f"{o}_p_{c}" for c in meta.classes or ())]
+        else:
+            cols = [o]
+        cols += [f"{o}_model", f"{o}_version"]
         if self.reasons:
-            cols.append(f"{self.output}_reasons")
+            cols.append(f"{o}_reasons")
+        if self.model_identity:
+            cols += [MODEL_NAME, MODEL_VERSION]
         return tuple(cols)
 
     def features(
@@ -129,17 +186,25 @@ class XGBoostPredictor(BaseStage):
         infinite = np.isinf(matrix)
         bad = infinite.any(axis=1)
         good = matrix[~bad] if bad.any() else matrix
-        scores = np.full(len(batch), np.nan)
-        if len(good):
-            predicted = loaded.booster.inplace_predict(good, validate_features=False)
-            scores[~bad] = np.asarray(predicted, dtype=np.float64)
         out = batch.copy()
-        out[self.output] = scores
-        out[f"{self.output}_threshold"] = meta.threshold
+        predicted_class: np.ndarray[Any, Any] | None = None
+        if meta.task == "multiclass":
+            predicted_class = self._classify(out, loaded, good, bad)
+        else:
+            scores = np.full(len(batch), np.nan)
+            if len(good):
+                predicted = loaded.booster.inplace_predict(good, validate_features=False)
+                scores[~bad] = np.asarray(predicted, dtype=np.float64)
+            out[self.output] = scores
+            if meta.task == "binary":
+                out[f"{self.output}_threshold"] = meta.threshold
         out[f"{self.output}_model"] = meta.name
         out[f"{self.output}_version"] = meta.version
+        if self.model_identity:
+            out[MODEL_NAME] = meta.name
+            out[MODEL_VERSION] = meta.version
         if self.reasons:
-            top = self._top_reasons(loaded, good) if len(good) else []
+            top = self._top_reasons(loaded, good, predicted_class) if len(good) else []
             if bad.any():
                 reasons: list[list[str] | None] = [None] * len(batch)
                 for i, row in zip(np.flatnonzero(~bad), top, strict=True):
@@ -155,12 +220,52 @@ class XGBoostPredictor(BaseStage):
             mark_errors(out, bad, self.name, why)
         return out
 
-    def _top_reasons(self, loaded: LoadedModel, matrix: np.ndarray[Any, Any]) -> list[list[str]]:
+    def _classify(
+        self,
+        out: pd.DataFrame,
+        loaded: LoadedModel,
+        good: np.ndarray[Any, Any],
+        bad: np.ndarray[Any, np.dtype[np.bool_]],
+    ) -> np.ndarray[Any, Any]:
+        """Add a multiclass model's columns to ``out``; the predicted class of each good row."""
+        classes = np.array(loaded.metadata.classes, dtype=object)
+        probs = np.full((len(out), len(classes)), np.nan)
+        best = np.zeros(len(good), dtype=np.intp)
+        if len(good):
+            # Softmax of the margins, in float64: probabilities from multi:softprob and
+            # multi:softmax models alike (the latter predicts only a class index).
+            margin = loaded.booster.inplace_predict(
+                good, validate_features=False, predict_type="margin"
+            )
+            margin = np.asarray(margin, dtype=np.float64).reshape(len(good), len(classes))
+            exp = np.exp(margin - margin.max(axis=1, keepdims=True))
+            probs[~bad] = exp / exp.sum(axis=1, keepdims=True)
+            best = probs[~bad].argmax(axis=1)
+        names = np.full(len(out), None, dtype=object)
+        names[~bad] = classes[best]
+        top = np.full(len(out), np.nan)
+        top[~bad] = probs[~bad][np.arange(len(good)), best]
+        o = self.output
+        out[o] = top
+        out[f"{o}_class"] = names
+        for i, name in enumerate(classes):
+            out[f"{o}_p_{name}"] = probs[:, i]
+        return best
+
+    def _top_reasons(
+        self,
+        loaded: LoadedModel,
+        matrix: np.ndarray[Any, Any],
+        predicted_class: np.ndarray[Any, Any] | None = None,
+    ) -> list[list[str]]:
         names = np.array(loaded.metadata.features, dtype=object)
         dmatrix = xgb.DMatrix(matrix, feature_names=list(names), nthread=self.nthread)
         contribs = loaded.booster.predict(
             dmatrix, pred_contribs=True, approx_contribs=self.approx_reasons
-        )[:, :-1]  # the last column is the bias
+        )
+        if predicted_class is not None:  # (rows, classes, features): the predicted class's
+            contribs = contribs[np.arange(len(matrix)), predicted_class]
+        contribs = contribs[:, :-1]  # the last column is the bias
         k = min(self.reasons, contribs.shape[1])
         top = np.argsort(-contribs, axis=1, kind="stable")[:, :k]
         return [list(row) for row in names[top]]

@@ -5,8 +5,21 @@ from __future__ import annotations
 import pandas as pd
 
 from stageline.context import StageContext
-from stageline.outputs import OUTPUT_COLUMNS
+from stageline.outputs import MODEL
+from stageline.spec import OutputSpec
 from stageline.stage import BaseStage
+
+DECISION = (
+    OutputSpec(name="score", type="float", description="The model's score for the record."),
+    OutputSpec(
+        name="label", type="bool", description="The decision: the score at or over the threshold."
+    ),
+    OutputSpec(
+        name="reasons",
+        type="str_list",
+        description="The features that pushed the score up most, strongest first.",
+    ),
+)
 
 
 class Decision(BaseStage):
@@ -28,7 +41,8 @@ class Decision(BaseStage):
             f"{self.score}_version",
         )
 
-    provides = OUTPUT_COLUMNS
+    outputs = DECISION
+    provides = (*(o.name for o in DECISION), *(m.name for m in MODEL))
 
     def process(self, batch: pd.DataFrame) -> pd.DataFrame:
         s = self.score

@@ -13,9 +13,9 @@ travel with the model so a model can never be fed another version's codes.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +23,7 @@ import pandas as pd
 
 from stageline.context import StageContext
 from stageline.spec import SpecError
+from stageline.spec_classes import resolve_object
 from stageline.stage import BaseStage, mark_errors
 
 TransformFn = Callable[[pd.DataFrame], pd.DataFrame]
@@ -51,17 +52,14 @@ def on_demand(
     return wrap
 
 
-def load_transform(path: str) -> OnDemand:
-    """Import ``package.module:function`` (a function decorated with :func:`on_demand`)."""
-    module_name, _, attr = path.rpartition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise SpecError(f"cannot import transform {path!r}: {e}") from None
-    fn = getattr(module, attr, None)
+def load_transform(ref: str, base_dir: Path | None = None) -> OnDemand:
+    """The :func:`on_demand` function named by ``package.module:function`` or by
+    ``path/to/file.py:function``, a path relative to ``base_dir`` (the spec's folder)."""
+    fn = resolve_object(ref, base_dir, kind="transform", attr="function")
     if not isinstance(fn, OnDemand):
         raise SpecError(
-            f"{path!r} is not a transform: decorate it with @on_demand(requires=, provides=)"
+            f"{ref!r} is not a transform: decorate it with @on_demand(requires=[...], "
+            "provides=[...]) from stageline.stages.transform"
         )
     return fn
 
@@ -69,13 +67,35 @@ def load_transform(path: str) -> OnDemand:
 class OnDemandTransform(BaseStage):
     """Computes request-time features with a declared transform function.
 
+    ``function`` is ``package.module:function`` or ``path/to/file.py:function``
+    (relative to the spec's folder), as ``uses:`` names a stage class.
+
     Rows whose numeric outputs are not finite (say, a ratio over a zero) are
     marked bad rather than fed to the model.
     """
 
     def __init__(self, *, function: str, context: StageContext) -> None:
         super().__init__(name=context.stage_name)
-        self.transform = load_transform(function)
+        try:
+            self.transform = load_transform(function, context.spec.base_dir)
+        except SpecError as e:
+            raise SpecError(f"stage {self.name!r}: function: {e}") from None
+
+    @classmethod
+    def check_spec_params(cls, params: Mapping[str, Any], base_dir: Path | None) -> None:
+        """``load_spec`` imports the transform, so a bad ``function:`` fails there."""
+        ref = params.get("function")
+        if not isinstance(ref, str):
+            raise SpecError(
+                "function: expected 'package.module:function' or 'path/to/file.py:function'"
+            )
+        module = ref.rpartition(":")[0]
+        if base_dir is None and module.endswith(".py") and not Path(module).is_absolute():
+            return  # relative to a folder we do not know: checked when the stage loads
+        try:
+            load_transform(ref, base_dir)
+        except SpecError as e:
+            raise SpecError(f"function: {e}") from None
 
     def required_columns(self) -> tuple[str, ...]:
         return self.transform.requires

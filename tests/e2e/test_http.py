@@ -140,9 +140,9 @@ def test_predict_answers_with_prediction_model_and_request_id(fraud_url: str, go
     body = resp.json()
     assert set(body) == {"predictions", "model", "request_id"}
     assert body["model"] == {"name": "fraud", "version": 1}
-    assert [p["id"] for p in body["predictions"]] == ["t-1", "t-2"]
+    assert [p["transaction_id"] for p in body["predictions"]] == ["t-1", "t-2"]
     for p in body["predictions"]:
-        assert set(p) == {"id", "score", "label", "reasons"}
+        assert set(p) == {"transaction_id", "score", "label", "reasons"}
         assert 0.0 <= p["score"] <= 1.0
         assert isinstance(p["label"], bool)
         assert p["reasons"]
@@ -520,10 +520,10 @@ def test_a_row_a_stage_rejects_is_reported_per_record(
         resp = post(f"{url}/predict", {"records": records})
         assert resp.status_code == 200, resp.text
         scored, rejected = resp.json()["predictions"]
-        assert scored["id"] == "t-1"
+        assert scored["transaction_id"] == "t-1"
         assert 0.0 <= scored["score"] <= 1.0
         assert rejected == {
-            "id": "t-round",
+            "transaction_id": "t-round",
             "error": {"stage": "review", "message": "round amount: manual review"},
         }
         # Every record rejected: nothing to score is a 422 naming each record.

@@ -448,7 +448,7 @@ def test_hand_written_hostile_requests(hostile: Hostile, name: str, case: Case) 
         assert case.says in error["message"], error
     else:  # accepted: the record's id comes back exactly as sent
         (prediction,) = resp.json()["predictions"]
-        assert prediction["id"] == json.loads(body)["records"][0]["transaction_id"]
+        assert prediction["transaction_id"] == json.loads(body)["records"][0]["transaction_id"]
         assert 0 <= prediction["score"] <= 1
 
 

@@ -148,7 +148,9 @@ def test_right_api_key_is_served(auth_url: str, headers: dict[str, str]) -> None
     resp = call(auth_url, "POST", "/predict", headers)
     print(f"the right key as {', '.join(headers)}: {resp.status_code}")
     assert resp.status_code == 200, resp.text
-    assert [p["id"] for p in resp.json()["predictions"]] == [GOOD_RECORD["transaction_id"]]
+    assert [p["transaction_id"] for p in resp.json()["predictions"]] == [
+        GOOD_RECORD["transaction_id"]
+    ]
     assert API_KEY not in resp.text
 
 

@@ -56,7 +56,10 @@ def predict(url: str, records: list[Json]) -> dict[str, Scored]:
     assert resp.status_code == 200, resp.text
     body = resp.json()
     version = int(body["model"]["version"])
-    return {p["id"]: (p["score"], p["label"], p["reasons"], version) for p in body["predictions"]}
+    return {
+        p["transaction_id"]: (p["score"], p["label"], p["reasons"], version)
+        for p in body["predictions"]
+    }
 
 
 def in_process(pipeline: Pipeline, frame: pd.DataFrame) -> dict[str, Scored]:

@@ -16,6 +16,7 @@ import pytest
 from stageline import Pipeline
 from stageline.registry import LocalRegistry
 from stageline_cli import main
+from stageline_cli import registry as registry_cli
 from tests.conftest import FRAUD_SPEC, ROOT, register_challenger
 
 SPEC = str(FRAUD_SPEC)
@@ -273,6 +274,44 @@ def test_predict_prints_one_json_line_per_record(
     assert bad["score"] is None
     assert str(bad["error"]).startswith("validate: amount: must be >= 0")
     assert "scored 2 of 3 rows (1 rejected" in err
+
+
+def test_predict_into_a_reader_that_leaves_early_exits_quietly(
+    demo_home: Path, holdout: pd.DataFrame, tmp_path: Path
+) -> None:
+    """``stageline predict ... | head -3``, the README's example: no error, status 141."""
+    source = tmp_path / "many.parquet"
+    # Far more JSON lines than a pipe buffers, so predict is still writing when head leaves.
+    pd.concat([holdout] * max(1, 5_000 // len(holdout) + 1)).to_parquet(source)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "stageline_cli", *PREDICT, "--input", source, "--home", demo_home],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert child.stdout is not None
+    assert child.stderr is not None
+    head = [child.stdout.readline() for _ in range(3)]
+    child.stdout.close()
+    err = child.stderr.read().decode()
+    code = child.wait(timeout=120)
+
+    assert all(json.loads(line)["transaction_id"] for line in head)
+    assert err == "", err  # no "Broken pipe", no traceback, no summary line
+    assert code == 141  # 128 + SIGPIPE: what a shell shows for `seq 1000000 | head -3`
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_still_an_error(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Say, a socket the command writes to: reported, not taken for `| head`."""
+
+    def broken(args: object) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(registry_cli, "cmd_registry_list", broken)
+    code, out, err = cli(capsys, "registry", "list")
+    assert (code, out) == (1, "")
+    assert err == "stageline: error: [Errno 32] Broken pipe\n"
 
 
 def write_csv(frame: pd.DataFrame, path: Path) -> None:

@@ -39,6 +39,7 @@ def test_demo_registers_fraud_v1_as_champion(demo: DemoResult, champion: ModelMe
     assert champion == demo.model
     auc = champion.metrics["auc"]
     assert auc >= 0.85, f"held-out AUC {auc:.3f} on the small demo: the model learned too little"
+    assert champion.threshold is not None
     assert 0.0 < champion.threshold < 1.0
     assert champion.encoders == {
         "merchant_category": {

@@ -139,7 +139,7 @@ def test_predict_scores_like_the_pipeline_in_process(
     assert resp.status_code == 200, resp.text
     answer = resp.json()
     expected = fraud_pipeline.predict(pd.DataFrame(body["records"]))
-    assert [p["id"] for p in answer["predictions"]] == ["t0", "t1"]
+    assert [p["transaction_id"] for p in answer["predictions"]] == ["t0", "t1"]
     assert [p["score"] for p in answer["predictions"]] == pytest.approx(list(expected["score"]))
     assert [p["label"] for p in answer["predictions"]] == list(expected["label"])
     assert answer["model"] == {"name": "fraud", "version": 1}
@@ -185,7 +185,10 @@ def test_a_record_a_stage_rejects_is_reported_with_its_reason(
     answer = call(fraud_spec, demo_home, "POST", "/predict", body, before=Review()).json()
     scored, rejected = answer["predictions"]
     assert 0.0 <= scored["score"] <= 1.0, scored
-    assert rejected == {"id": "t1", "error": {"stage": "review", "message": "round amount"}}
+    assert rejected == {
+        "transaction_id": "t1",
+        "error": {"stage": "review", "message": "round amount"},
+    }
     only_bad = call(
         fraud_spec, demo_home, "POST", "/predict", records({"amount": 300.0}), before=Review()
     )
@@ -323,3 +326,35 @@ def test_oip_infer_metadata_and_health(fraud_spec: PipelineSpec, demo_home: Path
     assert call(fraud_spec, demo_home, "GET", "/v2/health/live").json() == {"live": True}
     bad = call(fraud_spec, demo_home, "POST", "/v2/models/fraud/infer", {"inputs": "x"})
     assert_error(bad, 422, "invalid_request")
+
+
+def test_the_openapi_page_documents_the_answer(fraud_spec: PipelineSpec, demo_home: Path) -> None:
+    doc = call(fraud_spec, demo_home, "GET", "/openapi.json").json()
+    answer = doc["paths"]["/predict"]["post"]["responses"]["200"]["content"]["application/json"]
+    assert answer["schema"]["$ref"].endswith("/FraudPredictAnswer"), answer
+    item = doc["components"]["schemas"]["FraudPrediction"]["properties"]
+    assert {"transaction_id", "error", "score", "label", "reasons"} <= set(item), item
+
+
+def test_partial_scores_the_valid_records_and_answers_each_invalid_one(
+    fraud_spec: PipelineSpec, demo_home: Path
+) -> None:
+    body = records({}, {"amount": -3}, {"merchant_category": "casino"})
+    whole = call(fraud_spec, demo_home, "POST", "/predict", body)
+    assert_error(whole, 422, "invalid_request")  # by default one bad record fails them all
+    answer = call(fraud_spec, demo_home, "POST", "/predict?partial=true", body).json()
+    good, negative, unknown = answer["predictions"]
+    assert (good["transaction_id"], negative["transaction_id"], unknown["transaction_id"]) == (
+        "t0",
+        "t1",
+        "t2",
+    )
+    assert 0.0 <= good["score"] <= 1.0, good
+    assert negative["error"]["stage"] == "request", negative
+    assert "amount" in negative["error"]["message"], negative
+    assert "merchant_category" in unknown["error"]["message"], unknown
+    assert answer["model"] == {"name": "fraud", "version": 1}
+    none_valid = call(
+        fraud_spec, demo_home, "POST", "/predict?partial=true", records({"amount": -1})
+    )
+    assert assert_error(none_valid, 422, "rejected")["details"][0]["stage"] == "request"
