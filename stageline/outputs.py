@@ -1,11 +1,12 @@
 """The output contract: what a pipeline answers for each record, declared once.
 
-A pipeline's outputs are declared by its spec (``outputs:``) or, by default, by its last
-stage's class (``outputs`` on a :class:`~stageline.stage.BaseStage`, as the built-in
-``Decision`` declares its own). Every way out of a pipeline is generated from them:
-the frame :meth:`OutputContract.frame` (what ``Pipeline.predict`` returns and every
-runtime computes), JSON records, the ``/predict`` item, the Open Inference Protocol
-tensors and metadata, the OpenAPI response, and the batch output's Arrow schema.
+A pipeline's outputs are declared by its spec (``outputs:``) or, by default, by the last
+of its stages whose class declares them (``outputs`` on a
+:class:`~stageline.stage.BaseStage`, as the built-in ``Decision`` declares its own).
+Every way out of a pipeline is generated from them: the frame
+:meth:`OutputContract.frame` (what ``Pipeline.predict`` returns and every runtime
+computes), JSON records, the ``/predict`` item, the Open Inference Protocol tensors and
+metadata, the OpenAPI response, and the batch output's Arrow schema.
 """
 
 from __future__ import annotations
@@ -57,17 +58,18 @@ ERROR = "error"
 
 
 def declared_outputs(spec: PipelineSpec) -> tuple[OutputSpec, ...]:
-    """``spec.outputs``, else what its last stage's class declares."""
+    """``spec.outputs``, else what the last stage whose class declares outputs declares
+    (stages after it, such as a logger or a check, pass its columns through)."""
     if spec.outputs is not None:
         return spec.outputs
-    last = spec.stages[-1]
-    cls = resolve_class(last.uses, spec.base_dir)
-    if issubclass(cls, BaseStage) and cls.outputs:
-        return cls.outputs
+    for stage in reversed(spec.stages):
+        cls = resolve_class(stage.uses, spec.base_dir)
+        if issubclass(cls, BaseStage) and cls.outputs:
+            return cls.outputs
     raise SpecError(
         f"pipeline {spec.name!r}: declare what a prediction carries with `outputs:` in the "
-        f"spec (each a name and a type), or end the pipeline with a stage that declares its "
-        f"`outputs` (the last stage, {last.name!r} ({last.uses}), declares none)"
+        "spec (each a name and a type), or include a stage that declares its `outputs` "
+        "(as stageline.stages.postprocess:Decision does); no stage of this one does"
     )
 
 

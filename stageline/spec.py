@@ -149,7 +149,8 @@ class PipelineSpec(SpecModel):
     """The stages, in the order a batch goes through them (after ``validate``)."""
     outputs: tuple[OutputSpec, ...] | None = None
     """What every prediction carries besides the record's id, in order. Default: what
-    the last stage's class declares (``outputs`` on a ``BaseStage``, as ``Decision``)."""
+    the last stage whose class declares outputs declares (``outputs`` on a
+    ``BaseStage``, as ``Decision``)."""
     serve: ServeAppSpec = ServeAppSpec()
     """Options of the online application."""
     batch: BatchAppSpec = BatchAppSpec()

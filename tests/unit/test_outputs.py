@@ -82,3 +82,12 @@ def test_an_output_no_stage_provides_is_an_error_naming_it(tmp_path: Path, demo_
     spec = own_spec(tmp_path, [*OUTPUTS, {"name": "eta_at", "type": "str"}])
     with pytest.raises(Exception, match=r"output\(s\) \['eta_at'\] that no stage provides"):
         Pipeline(spec, demo_home).predict(pd.DataFrame([GOOD_RECORD]))
+
+
+def test_a_stage_after_the_declaring_one_passes_its_outputs_through(demo_home: Path) -> None:
+    data = yaml.safe_load(FRAUD_SPEC.read_text())
+    data["stages"].append({"name": "audit", "uses": "stageline.stages.features:FeatureLookup",
+                           "params": {"view": "customer_stats"}})  # fmt: skip
+    data["serve"]["inline"] = [s["name"] for s in data["stages"]]
+    spec = PipelineSpec.model_validate(data)
+    assert [o.name for o in OutputContract(spec).outputs] == ["score", "label", "reasons"]
