@@ -17,7 +17,7 @@ from stageline.outputs import PYTHON_TYPES, OutputContract, Record
 from stageline.spec import PipelineSpec
 from stageline.stage import split_error
 
-OIP_TYPES = {
+FIELD_OIP_TYPES = {
     "str": "BYTES",
     "category": "BYTES",
     "datetime": "BYTES",
@@ -25,7 +25,7 @@ OIP_TYPES = {
     "float": "FP64",
     "bool": "BOOL",
 }
-"""The OIP datatype of each request field type."""
+"""The OIP datatype of each request field type (outputs: ``stageline.outputs.OIP_TYPES``)."""
 
 
 class RequestCodec:
@@ -168,7 +168,7 @@ class RequestCodec:
             "versions": sorted({str(m["version"]) for m in models}),
             "platform": "xgboost",
             "inputs": [
-                {"name": f, "datatype": OIP_TYPES[s.type], "shape": [-1]}
+                {"name": f, "datatype": FIELD_OIP_TYPES[s.type], "shape": [-1]}
                 for f, s in self.spec.request.fields.items()
             ],
             "outputs": self.contract.oip_metadata(),

@@ -13,7 +13,7 @@ import pandas as pd
 
 from stageline.context import StageContext, resolve_home, stage_factory
 from stageline.features import StoreUnavailableError
-from stageline.outputs import predictions, records
+from stageline.outputs import OutputContract, predictions, records
 from stageline.spec import PipelineSpec, StageSpec, load_spec
 from stageline.stage import Reloadable, Reporting, Stage, StageError, StageStatus, check_rows
 from stageline.stages.validate import ValidateRequest
@@ -98,6 +98,7 @@ class Pipeline(StageChain):
 
     def __init__(self, spec: PipelineSpec, home: str | os.PathLike[str] | None = None) -> None:
         super().__init__(spec, [s.name for s in spec.stages], home, validate=True)
+        self.contract = OutputContract(spec)  # once: it resolves the stages' classes
 
     @classmethod
     def from_spec(
@@ -106,5 +107,5 @@ class Pipeline(StageChain):
         return cls(spec if isinstance(spec, PipelineSpec) else load_spec(Path(spec)), home)
 
     def predict(self, batch: pd.DataFrame) -> pd.DataFrame:
-        """One prediction per row: id, score, label, reasons, model, error."""
-        return predictions(self(batch), self.spec)
+        """One prediction per row: the id, the declared outputs, the model, ``error``."""
+        return self.contract.frame(self(batch))
