@@ -13,16 +13,22 @@ whole and its loading, and every name stays importable from here.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from stageline.spec_base import LocatedError, SpecError, SpecModel
-from stageline.spec_classes import ParamsError, accepts, check_params, resolve_class
+from stageline.spec_classes import (
+    ParamsError,
+    accepts,
+    check_params,
+    resolve_class,
+    resolve_object,
+)
 from stageline.spec_features import (
     REDIS_PASSWORD_ENV,
     FeatureSpec,
@@ -83,7 +89,9 @@ __all__ = [
     "check_params",
     "datetime_in_range",
     "load_spec",
+    "prepare_home",
     "resolve_class",
+    "setup_function",
 ]
 
 
@@ -155,6 +163,12 @@ class PipelineSpec(SpecModel):
     """Options of the online application."""
     batch: BatchAppSpec = BatchAppSpec()
     """Options of batch runs."""
+    setup: str | None = None
+    """An example's world builder: ``module:function`` or ``file.py:function`` (relative
+    to the spec's folder), called as ``function(spec, home)`` before ``predict``,
+    ``batch`` and ``serve`` run on a home. It builds the example's data, feature tables
+    and model where the home has none, and returns at once where it has them. For
+    shipped examples; a pipeline of your own leaves it out."""
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 
@@ -314,7 +328,29 @@ def load_spec(path: str | Path, *, check_stages: bool = True) -> PipelineSpec:
                 if isinstance(e, ParamsError):
                     loc = ("stages", i, "params")
                 raise SpecError(f"{path}: {_where(loc, node)}: {e}") from None
+        if spec.setup is not None:
+            try:
+                setup_function(spec)
+            except SpecError as e:
+                raise SpecError(f"{path}: {_where(('setup',), node)}: {e}") from None
     return spec
+
+
+def setup_function(spec: PipelineSpec) -> Callable[[PipelineSpec, Path], object] | None:
+    """The function the spec's ``setup`` names, or None when it names none."""
+    if spec.setup is None:
+        return None
+    found = resolve_object(spec.setup, spec.base_dir, kind="setup", attr="function")
+    if not callable(found):
+        raise SpecError(f"setup {spec.setup!r} is not a function")
+    return cast(Callable[[PipelineSpec, Path], object], found)
+
+
+def prepare_home(spec: PipelineSpec, home: Path) -> None:
+    """Run the spec's ``setup`` on ``home`` (a shipped example builds its world there)."""
+    build = setup_function(spec)
+    if build is not None:
+        build(spec, home)
 
 
 def _format_errors(path: Path, node: yaml.Node | None, error: ValidationError) -> str:

@@ -7,7 +7,7 @@ import os
 
 from stageline import localray, supervisor
 from stageline.context import resolve_home
-from stageline.demo.world import ensure_demo
+from stageline.spec import prepare_home
 from stageline_cli.common import AddCommand, CliError, load, online_option, spec_option
 from stageline_cli.processes import StopSignal, ray_connected, ray_disconnect, supervise
 
@@ -48,7 +48,7 @@ def add_batch(add: AddCommand) -> None:
 
 def cmd_batch(args: argparse.Namespace) -> int:
     spec, home = load(args), resolve_home(args.home)
-    ensure_demo(spec, home)
+    prepare_home(spec, home)
     # Supervised when it starts a Ray of its own: on a cluster (--address, $RAY_ADDRESS,
     # as under `ray job submit`) the cluster outlives the driver, and its job manager
     # stops it.

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from stageline.context import resolve_home
-from stageline.demo.world import ensure_demo
+from stageline.spec import prepare_home
 from stageline_cli.common import AddCommand, CliError, load, online_option, spec_option
 
 
@@ -36,7 +36,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from stageline.pipeline import Pipeline, records
 
     spec, home = load(args), resolve_home(args.home)
-    ensure_demo(spec, home)
+    prepare_home(spec, home)
     batch = read_records(Path(args.input))
     started = time.perf_counter()
     result = Pipeline(spec, home).predict(batch)

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from stageline import localray, supervisor
 from stageline.context import resolve_home
-from stageline.demo.world import ensure_demo, example_record
-from stageline.spec import PipelineSpec
+from stageline.examples import example_record
+from stageline.spec import PipelineSpec, prepare_home
 from stageline_cli.common import AddCommand, CliError, load, online_option, positive, spec_option
 from stageline_cli.processes import STOP_TIMEOUT_S, StopSignal, ray_disconnect, supervise
 
@@ -59,7 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if os.environ.get(supervisor.RUN_ENV):
         return run_server(args, spec, home)
     # The server runs in a child of its own session (see supervise).
-    ensure_demo(spec, home)
+    prepare_home(spec, home)
     for _path, other in supervisor.records(home / "run", "serve"):
         if other.running:
             raise CliError(
@@ -124,7 +124,7 @@ def run_server(args: argparse.Namespace, spec: PipelineSpec, home: Path) -> int:
         )
         stop.install()
         if not stop.received:
-            example = example_record(spec, home)
+            example = example_record(spec.request)
             print(f"serving {spec.name} at {url}  (docs: {url}/docs)")
             print(f"metrics: http://127.0.0.1:{args.metrics_port}/metrics (Prometheus)")
             print(local.example_curl(url, example))

@@ -19,13 +19,14 @@ from stageline.spec import PipelineSpec
 
 
 def ensure_demo(spec: PipelineSpec, home: Path) -> None:
-    """Build the demo world first when the demo spec runs on an empty home.
+    """Build the demo world first when the demo spec runs on an empty home: the demo
+    spec's ``setup``.
 
     Progress goes to stderr: it takes a few seconds, and stdout may carry predictions.
     """
     from stageline.demo.train import MODEL, build_demo, demo_exists
 
-    if spec.name == "fraud" and not demo_exists(home) and not (home / "models" / MODEL).exists():
+    if not demo_exists(home) and not (home / "models" / MODEL).exists():
         from stageline.demo.batch import batch_dir, write_batch_input
 
         print(f"no demo world under {home} yet: building it first ...", file=sys.stderr)

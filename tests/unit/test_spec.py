@@ -458,3 +458,24 @@ def test_batch_runs_the_whole_chain_in_one_pool_unless_told_otherwise(tmp_path: 
         ("model", ("model",)),
         ("postprocess", ("postprocess",)),
     ]
+
+
+def test_setup_builds_an_examples_world_and_a_bad_one_is_refused_at_load(tmp_path: Path) -> None:
+    from stageline.spec import prepare_home
+
+    spec_file = tmp_path / "mini.yaml"
+    base = yaml.safe_load(FRAUD_SPEC.read_text())
+    base["setup"] = "world.py:build"
+    spec_file.write_text(yaml.safe_dump(base))
+    (tmp_path / "world.py").write_text(
+        "def build(spec, home):\n    (home / 'built').write_text(spec.name)\n"
+    )
+    home = tmp_path / "home"
+    home.mkdir()
+    prepare_home(load_spec(spec_file), home)
+    assert (home / "built").read_text() == "fraud"
+
+    base["setup"] = "world.py:missing"
+    spec_file.write_text(yaml.safe_dump(base))
+    with pytest.raises(SpecError, match=r"setup.*has no function 'missing'"):
+        load_spec(spec_file)
