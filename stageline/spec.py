@@ -185,7 +185,7 @@ class PipelineSpec(SpecModel):
         seen = _check_fuse("serve", self.serve.fuse, names)
         if self.batch.fuse != "all":
             _check_fuse("batch", self.batch.fuse, names)
-        for i, name in enumerate(self.serve.inline):
+        for i, name in enumerate(self.serve.inline or ()):
             if name not in order:
                 raise LocatedError(
                     ("serve", "inline", i), f"serve.inline names unknown stage {name!r}"
@@ -245,7 +245,11 @@ class PipelineSpec(SpecModel):
     def segments(self) -> list[Segment]:
         """Where the deployment boundaries fall: one segment per stage, a fused group,
         or a run of adjacent inline stages. Placement never changes what is computed."""
-        return _fused_segments(self.stages, self.serve.fuse, self.serve.inline)
+        inline = self.serve.inline
+        if inline is None:
+            fused = {n for group in self.serve.fuse for n in group}
+            inline = tuple(s.name for s in self.stages if s.name not in fused)
+        return _fused_segments(self.stages, self.serve.fuse, inline)
 
 
 def _fused_segments(

@@ -117,8 +117,11 @@ class ServeAppSpec(SpecModel):
 
     fuse: tuple[tuple[str, ...], ...] = ()
     """Groups of adjacent stages that share one deployment (fewer hops)."""
-    inline: tuple[str, ...] = ()
-    """Stages run inside the ingress replica itself: no hop at all."""
+    inline: tuple[str, ...] | None = None
+    """Stages run inside the ingress replica itself: no hop at all. Default: every stage
+    not in a ``fuse`` group, the fastest placement on one machine. ``[]`` gives each
+    stage (or fused group) an autoscaling deployment of its own: the graph a cluster
+    scales stage by stage."""
     max_records: int = Field(default=1000, ge=1)
     """Most records one request may carry."""
     max_body_bytes: int = Field(default=1_048_576, ge=1024)

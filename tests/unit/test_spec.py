@@ -479,3 +479,25 @@ def test_setup_builds_an_examples_world_and_a_bad_one_is_refused_at_load(tmp_pat
     spec_file.write_text(yaml.safe_dump(base))
     with pytest.raises(SpecError, match=r"setup.*has no function 'missing'"):
         load_spec(spec_file)
+
+
+def test_online_placement_defaults_to_every_stage_inline_and_empty_inline_is_the_graph(
+    tmp_path: Path,
+) -> None:
+    data = _fraud_dict()
+    del data["serve"]["inline"]
+    default = load_spec(_write(tmp_path, data))
+    everything = ("features", "transform", "model", "postprocess")
+    assert [(s.stages, s.inline) for s in default.segments()] == [(everything, True)]
+
+    data["serve"]["fuse"] = [["transform", "model"]]
+    fused = load_spec(_write(tmp_path, data))
+    assert [(s.stages, s.inline) for s in fused.segments()] == [
+        (("features",), True),
+        (("transform", "model"), False),
+        (("postprocess",), True),
+    ]
+
+    data["serve"] = {"inline": []}
+    graph = load_spec(_write(tmp_path, data))
+    assert [(s.stages, s.inline) for s in graph.segments()] == [((n,), False) for n in everything]
