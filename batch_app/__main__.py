@@ -1,4 +1,4 @@
-"""``python -m batch_app --spec S --input I --output O [--home H] [--full] [--address A]``.
+"""``python -m batch_app --spec S --input I --output O [--home H] [--full] [--as-of] ...``.
 
 The same command as ``stageline batch``; the form a cluster runs:
 ``ray job submit --working-dir . -- python -m batch_app --spec ... --input s3://...``

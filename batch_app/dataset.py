@@ -47,13 +47,16 @@ def build_dataset(
     source: Source,
     home: str | os.PathLike[str] | None = None,
     columns: Sequence[str] | None = None,
+    *,
+    as_of: bool = False,
 ) -> ray.data.Dataset:
     """A lazy dataset of every stage's columns for every input row (``_error`` marks bad rows).
 
     ``source``: a parquet or CSV file, a directory, a glob, or a list of files;
     URIs such as ``s3://bucket/prefix`` are passed to Ray unchanged. ``columns``: keep
     only these (those present) of the last stage's output: what is not kept is never
-    converted, stored or sent to the caller.
+    converted, stored or sent to the caller. ``as_of``: every actor's stages take
+    features as of each row's event time (see :class:`~stageline.pipeline.Pipeline`).
     """
     paths = _paths(source)
     if not paths:
@@ -76,6 +79,7 @@ def build_dataset(
                     "stages": list(segment.stages),
                     "home": home_arg,
                     "validate": i == 0,
+                    "as_of": as_of,
                     "keep": list(columns) if columns and i == len(segments) - 1 else None,
                 },
                 batch_format="pandas",

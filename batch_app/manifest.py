@@ -4,7 +4,8 @@ Layout under ``output/``::
 
     run=<run_id>/part-*.parquet              scored rows (one per valid input row)
     _quarantine/run=<run_id>/part-*.parquet  rejected rows: original fields, stage, reason
-    _manifest.json                           input files processed, and the committed runs
+    _manifest.json                           input files processed, the committed runs, and
+                                             how they were scored (online or as-of)
     _staging/<run_id>/{data,quarantine}/     a run being written (never read)
     _lock                                    held by the run in progress
 
@@ -15,6 +16,11 @@ manifest: a committed run still in staging is published, an uncommitted one is
 deleted, and a published run the manifest does not list (after ``--full``) is
 removed. So a crash at any point leaves no partial or duplicated output, and the
 inputs of an uncommitted run are simply processed again next time.
+
+One output holds one scoring mode: the online store's latest features, or
+features as of each row's event time (``--as-of``). An incremental run in the
+other mode is refused (:meth:`Manifest.check_mode`), so a backfill never lands
+next to online scores.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from typing import Any
 
 from batch_app.inputs import InputFile
 from stageline._io import atomic_write_bytes
+from stageline.context import AS_OF_FEATURES
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +47,29 @@ STAGED_DATA = "data"
 """Under ``_staging/<run_id>/``: the scored rows, published as ``run=<run_id>``."""
 STAGED_QUARANTINE = "quarantine"
 """Under ``_staging/<run_id>/``: the rejected rows, published under ``_quarantine``."""
+ONLINE = "online"
+"""Scoring mode: features from the online store (latest values)."""
+AS_OF = "as-of"
+"""Scoring mode: features from the offline store as of each row's event time."""
+
+
+def scoring_mode(as_of: bool) -> str:
+    return AS_OF if as_of else ONLINE
+
+
+_MODE_TEXT = {
+    ONLINE: "the online store's latest features",
+    AS_OF: f"{AS_OF_FEATURES} (--as-of)",
+}
 
 
 @dataclass
 class Manifest:
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     runs: list[dict[str, Any]] = field(default_factory=list)
+    mode: str | None = None
+    """How the committed runs were scored (:data:`ONLINE` or :data:`AS_OF`); None before
+    the first run."""
 
     @classmethod
     def load(cls, output: Path) -> Manifest:
@@ -53,11 +77,25 @@ class Manifest:
         if not path.exists():
             return cls()
         data = json.loads(path.read_text())
-        return cls(files=dict(data.get("files", {})), runs=list(data.get("runs", [])))
+        runs = list(data.get("runs", []))
+        # A manifest from before as-of scoring existed records online runs.
+        mode = data.get("mode") or (ONLINE if runs else None)
+        return cls(files=dict(data.get("files", {})), runs=runs, mode=mode)
 
     def save(self, output: Path) -> None:
-        data = {"format": 1, "files": self.files, "runs": self.runs}
+        data = {"format": 1, "mode": self.mode, "files": self.files, "runs": self.runs}
         atomic_write_bytes(output / MANIFEST, json.dumps(data, indent=1).encode())
+
+    def check_mode(self, mode: str, output: Path) -> None:
+        """Refuse to add runs scored in ``mode`` to an output scored in the other one."""
+        if self.mode is None or self.mode == mode:
+            return
+        flag = "without --as-of" if self.mode == ONLINE else "with --as-of"
+        raise ValueError(
+            f"{output} holds scores from {_MODE_TEXT[self.mode]}; this run would use "
+            f"{_MODE_TEXT[mode]}, and one output never mixes the two: run {flag} to add "
+            "to it, --full to rescore all of its input this way, or write to another --output"
+        )
 
     def run_ids(self) -> set[str]:
         return {str(r["run_id"]) for r in self.runs}

@@ -22,10 +22,18 @@ import ray.data
 
 from batch_app.dataset import build_dataset
 from batch_app.inputs import InputFile, list_inputs
-from batch_app.manifest import LOCK, MANIFEST, QUARANTINE, STAGING, Manifest, reconcile
+from batch_app.manifest import (
+    LOCK,
+    MANIFEST,
+    QUARANTINE,
+    STAGING,
+    Manifest,
+    reconcile,
+    scoring_mode,
+)
 from batch_app.ray_internals import init_local_ray
 from batch_app.write import Writers
-from stageline.context import resolve_home
+from stageline.context import AS_OF_FEATURES, as_of_field, resolve_home
 from stageline.features import StoreUnavailableError
 from stageline.localray import local_ray_options
 from stageline.spec import PipelineSpec, load_spec
@@ -56,6 +64,8 @@ class Summary:
     output: str
     models: tuple[str, ...] = ()
     skipped_files: int = 0
+    as_of: bool = False
+    """Features were those as of each row's event time, not the online store's latest."""
 
     @property
     def rows_per_second(self) -> float:
@@ -74,8 +84,8 @@ class Summary:
         return (
             f"run {self.run_id}: {self.rows_in} rows in from {self.files} file(s) -> "
             f"{self.rows_out} scored, {self.rows_quarantined} quarantined in "
-            f"{self.seconds:.1f} s ({self.rows_per_second:,.0f} rows/s) with {self.model}; "
-            f"output {self.output}/run={self.run_id}"
+            f"{self.seconds:.1f} s ({self.rows_per_second:,.0f} rows/s) with {self.model}"
+            f"{', ' + AS_OF_FEATURES if self.as_of else ''}; output {self.output}/run={self.run_id}"
         )
 
 
@@ -88,16 +98,23 @@ def run(
     output: str | os.PathLike[str],
     home: str | os.PathLike[str] | None = None,
     full: bool = False,
+    as_of: bool = False,
 ) -> Summary:
     """Score the input files not processed yet (all of them with ``full``) into ``output``.
+
+    With ``as_of``, features are those as of each row's event time (the offline store's
+    history), not the online store's latest: a backfill. One output holds one mode; an
+    incremental run in the other mode is refused (``full`` replaces the output).
 
     Ray must already be initialized (``ray.init(...)``): the caller picks the cluster.
     """
     spec = spec_path if isinstance(spec_path, PipelineSpec) else load_spec(Path(spec_path))
+    if as_of:
+        as_of_field(spec)  # here, not as an actor's failure inside Ray
     out = Path(output).resolve()
     out.mkdir(parents=True, exist_ok=True)
     with _exclusive(out):
-        return _run(spec, input, out, home, full)
+        return _run(spec, input, out, home, full, as_of)
 
 
 @contextmanager
@@ -120,24 +137,31 @@ def _run(
     out: Path,
     home: str | os.PathLike[str] | None,
     full: bool,
+    as_of: bool,
 ) -> Summary:
     started = time.perf_counter()
+    mode = scoring_mode(as_of)
     manifest = Manifest.load(out)
+    if not full:
+        manifest.check_mode(mode, out)
     reconcile(out, manifest)
     files = list_inputs(input)
     if not files:
         raise ValueError(f"no parquet or CSV files found at {input}")
     new = files if full else [f for f in files if not manifest.is_done(f)]
     if not new:
-        return Summary(None, 0, 0, 0, 0.0, 0, str(out), skipped_files=len(files))
+        return Summary(None, 0, 0, 0, 0.0, 0, str(out), skipped_files=len(files), as_of=as_of)
 
     run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
     writer = Writers(spec, out / STAGING / run_id, run_id)
-    dataset = build_dataset(spec, [f.path for f in new], resolve_home(home), writer.columns())
+    dataset = build_dataset(
+        spec, [f.path for f in new], resolve_home(home), writer.columns(), as_of=as_of
+    )
     _stage(dataset, writer)
     seconds = time.perf_counter() - started
 
     committed = Manifest() if full else manifest
+    committed.mode = mode
     _commit(out, committed, writer, new)
     reconcile(out, committed)  # publishes this run
     return Summary(
@@ -149,6 +173,7 @@ def _run(
         len(new),
         str(out),
         tuple(sorted(writer.models)),
+        as_of=as_of,
     )
 
 

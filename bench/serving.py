@@ -9,12 +9,16 @@ import ray
 from ray import serve
 from ray.serve import Application
 
-from stageline.localray import local_ray_options
+from stageline.localray import check_port_free, local_ray_options
 from stageline_cli.processes import StopSignal
 
 
 def serve_until_stopped(app: Application, port: int, name: str) -> None:
     """Deploy ``app`` at ``/``, say so on stdout, block until SIGTERM or Ctrl-C, shut down."""
+    try:
+        check_port_free("127.0.0.1", port, "--port")
+    except OSError as e:  # one line, not Ray's traceback once Serve tries it
+        raise SystemExit(f"{name}: error: {e}") from None
     stop = StopSignal()
     ray.init(**local_ray_options())
     try:

@@ -33,7 +33,7 @@ from serve_app.deployment import MeteredChain, freeze_heap
 from serve_app.http import AT_CAPACITY, ApiKey
 from serve_app.ray_internals import by_reference, keep_grpc_on_loopback
 from serve_app.router import make_router
-from stageline.outputs import OutputContract, Record
+from stageline.outputs import OutputContract, Record, check_outputs_provided
 from stageline.pipeline import StageChain
 from stageline.service import (
     ChainRunner,
@@ -76,10 +76,20 @@ def placement_runner(
         else:
             steps.append(LocalRun(list(chains), contract))
     if len(steps) == 1:
-        return ChainRunner(cast(LocalRun, steps[0]).chains, contract)
+        local = cast(LocalRun, steps[0]).chains
+        # Every stage is here: declared outputs no stage gives are refused at start.
+        check_outputs_provided(spec, [pair for c in local for pair in _stages(c)])
+        return ChainRunner(local, contract)
     if isinstance(steps[-1], LocalRun):
         steps[-1].last = True
     return HandleRunner(steps, contract)
+
+
+def _stages(chain: object) -> StageChain:
+    """The stages a local run's chain holds (a measured one wraps them)."""
+    inner = chain.chain if isinstance(chain, MeteredChain) else chain
+    assert isinstance(inner, StageChain)
+    return inner
 
 
 class HandleRunner:

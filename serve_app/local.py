@@ -17,7 +17,7 @@ from serve_app.app import AppArgs, build_app
 from serve_app.haproxy import FILL_FIRST, HAPROXY_REQUEST_TIMEOUT_S, serve_env
 from serve_app.ray_internals import SETTINGS as SERVE_SETTINGS
 from stageline._io import atomic_write_bytes
-from stageline.localray import local_ray_options, serve_record_path
+from stageline.localray import check_port_free, local_ray_options, serve_record_path
 from stageline.spec import load_spec
 
 __all__ = [
@@ -48,12 +48,27 @@ def start(
     Returns once every deployment is running (Serve waits for the replicas).
     Records the cluster in ``serve_record_path(home)`` so ``stageline serve --model`` finds
     this very cluster, not whichever Ray started last on the machine.
+
+    A port already taken is a one-line :class:`OSError` naming it and the ``stageline
+    serve`` option that moves it: checked before Ray starts (a taken metrics port would
+    have Ray time out starting, after 30 s), and again if Serve fails to start, in case
+    it was taken meanwhile (HAProxy or Serve's proxy fails on it with a traceback).
     """
     if not ray.is_initialized():
+        check_port_free(host, port, "--port")
+        if metrics_port is not None:
+            check_port_free("127.0.0.1", metrics_port, "--metrics-port")
         for key, value in serve_env().items():
             os.environ.setdefault(key, value)
         ray.init(**local_ray_options(num_cpus=num_cpus, metrics_port=metrics_port))
-    serve.start(http_options={"host": host, "port": port})
+    try:
+        serve.start(http_options={"host": host, "port": port})
+    except Exception as failed:
+        try:
+            check_port_free(host, port, "--port")
+        except OSError as taken:
+            raise taken from failed
+        raise
     deploy(args)
     url = f"http://{host}:{port}"
     record = {

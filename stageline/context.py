@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stageline.spec import PipelineSpec, StageSpec, accepts, resolve_class
+from stageline.spec import PipelineSpec, SpecError, StageSpec, accepts, resolve_class
 
 if TYPE_CHECKING:
     from stageline.features.offline import OfflineStore
@@ -40,6 +40,10 @@ class StageContext:
     stage_name: str
     spec: PipelineSpec
     home: Path
+    as_of: bool = False
+    """Score as of each row's event time (``request.event_time``): feature stages join
+    the offline store's history as of that time instead of the online store's latest
+    values. A backfill or a backtest; the runtime sets it, never the spec."""
 
     def registry(self) -> LocalRegistry:
         from stageline.registry import LocalRegistry
@@ -57,10 +61,29 @@ class StageContext:
         return open_online_store(self.spec, self.home)
 
 
-def stage_factory(spec: PipelineSpec, stage: StageSpec, home: Path) -> tuple[type, dict[str, Any]]:
+AS_OF_FEATURES = "features as of each row's event time"
+"""What scoring ``as_of`` means, as summaries tell the user."""
+
+
+def as_of_field(spec: PipelineSpec) -> str:
+    """The request field that says when each row happened; a SpecError, telling the
+    user what to set, when the spec names none (scoring as of it is impossible)."""
+    if spec.request.event_time is None:
+        raise SpecError(
+            f"pipeline {spec.name!r} cannot score as of each row's event time: set "
+            "request.event_time in the spec to the request's datetime field (e.g. event_time: ts)"
+        )
+    return spec.request.event_time
+
+
+def stage_factory(
+    spec: PipelineSpec, stage: StageSpec, home: Path, *, as_of: bool = False
+) -> tuple[type, dict[str, Any]]:
     """The class named by ``stage.uses`` and the keyword arguments to construct it."""
+    if as_of:
+        as_of_field(spec)  # before any stage loads: the same one-line error everywhere
     cls = resolve_class(stage.uses, spec.base_dir)
     kwargs = dict(stage.params)
     if accepts(cls, "context"):
-        kwargs["context"] = StageContext(stage_name=stage.name, spec=spec, home=home)
+        kwargs["context"] = StageContext(stage_name=stage.name, spec=spec, home=home, as_of=as_of)
     return cls, kwargs

@@ -6,6 +6,7 @@ Plain data, no Ray import: ``serve_app`` and ``batch_app`` pass the result to
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -93,15 +94,32 @@ def running_server(home: Path) -> dict[str, Any] | None:
 
 
 def check_port_free(host: str, port: int, option: str) -> None:
-    """Raise a one-line error when ``host:port`` is taken, before anything starts that
-    would fail on it with a long traceback. (A check, not a reservation: what binds the
-    port later still reports its own failure.)"""
+    """Raise a one-line :class:`OSError` when nothing could listen on ``host:port`` (it is
+    taken, most often), naming the port and ``option``, the command-line option that
+    moves it: before anything starts that would fail on it with a long traceback (or,
+    for Ray's metrics port, a timeout). A check, not a reservation: what binds the port
+    later still reports its own failure."""
     with socket.socket() as s:
+        # As servers bind (HAProxy, uvicorn): a port whose last connections linger in
+        # TIME_WAIT is free to them.
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
-            raise OSError(
-                f"port {port} on {host} is in use ({e.strerror}); stop what holds it "
-                f"or choose another with {option}"
-            ) from None
+            if e.errno == errno.EADDRNOTAVAIL:
+                message = (
+                    f"cannot listen on {host}:{port}: {host} is not an address of this "
+                    "machine; use one of its own (127.0.0.1: this machine only, 0.0.0.0: "
+                    "every interface)"
+                )
+            elif e.errno == errno.EADDRINUSE:
+                message = (
+                    f"port {port} on {host} is in use ({e.strerror}); stop what holds it "
+                    f"or choose another with {option}"
+                )
+            else:  # EACCES: a port under 1024 without the privilege, say
+                message = (
+                    f"cannot listen on port {port} on {host} ({e.strerror or e}); choose "
+                    f"another with {option}"
+                )
+            raise OSError(message) from None

@@ -11,8 +11,8 @@ metadata, the OpenAPI response, and the batch output's Arrow schema.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -73,6 +73,61 @@ def declared_outputs(spec: PipelineSpec) -> tuple[OutputSpec, ...]:
     )
 
 
+@runtime_checkable
+class ProvidesColumns(Protocol):
+    """A stage that says which columns it adds (every :class:`~stageline.stage.BaseStage`
+    does; a plain class may)."""
+
+    def provided_columns(self) -> Sequence[str]: ...
+
+
+def check_outputs_provided(spec: PipelineSpec, stages: Iterable[tuple[str, object]]) -> None:
+    """Refuse, when a chain of stages is built, a spec whose declared outputs its stages
+    do not give: a :class:`SpecError` naming the missing outputs, what the stages do
+    provide, and what to change. Otherwise a pipeline would load, then fail every request.
+
+    ``stages``: ``(name, stage)`` pairs, as a :class:`~stageline.pipeline.StageChain`
+    holds them. The check judges only what it can know:
+
+    - only a chain holding every stage of the spec (the in-process ``Pipeline``, a batch
+      run in one pool, a deployment fusing every stage): one holding some of them (a
+      stage of the ``graph`` placement, a batch segment) cannot know what the others add;
+    - only when every stage declares its columns (:class:`ProvidesColumns`): a plain
+      class that does not may add any column, so no output can be called missing. The
+      request's fields count as provided (an output may echo one). Such a pipeline
+      still fails a request naming the missing outputs
+      (:meth:`OutputContract.frame`), as before;
+    - only a spec that has outputs: one with none is refused by its
+      :class:`OutputContract`, wherever one is built.
+    """
+    built = list(stages)
+    declaring = [(name, s) for name, s in built if isinstance(s, ProvidesColumns)]
+    names = {name for name, _ in built}
+    if len(declaring) < len(built) or any(s.name not in names for s in spec.stages):
+        return
+    try:
+        outputs = declared_outputs(spec)
+    except SpecError:
+        return
+    provided = {name: tuple(map(str, stage.provided_columns())) for name, stage in declaring}
+    request = tuple(spec.request.fields)
+    have = {c for columns in provided.values() for c in columns} | set(request)
+    missing = [o.name for o in outputs if o.name not in have]
+    if not missing:
+        return
+    given = "; ".join(
+        f"stage {name!r}: {', '.join(columns)}"
+        for name, columns in provided.items()
+        if columns and columns != request  # validation gives the request's fields
+    )
+    raise SpecError(
+        f"pipeline {spec.name!r} declares output(s) {missing} that no stage provides "
+        f"({given or 'its stages add no columns'}; the request: {', '.join(request)}); "
+        "declare what the stages give under `outputs:` in the spec, or change the params "
+        "that name a stage's columns (a model stage's `task` and `output`)"
+    )
+
+
 class OutputContract:
     """The outputs of one pipeline: its id field, then its declared outputs, then
     :data:`MODEL`; and the codecs built from them."""
@@ -104,7 +159,10 @@ class OutputContract:
                 f"columns: {sorted(map(str, scored.columns))}); fix `outputs:` or the stages"
             )
         for field in self.fields:
-            columns[field.name] = scored.get(field.name)
+            column = scored.get(field.name)
+            if field.type == "int" and column is not None and column.dtype.kind == "f":
+                column = _whole_numbers(column)
+            columns[field.name] = column
         error = scored.get(ERROR_COLUMN)
         if error is None:
             columns[ERROR] = pd.Series(None, index=scored.index, dtype=object)
@@ -175,6 +233,15 @@ def _oip_value(kind: OutputType, value: Any) -> Any:
     if kind == "str_list":
         return ",".join(value)
     return PYTHON_TYPES[kind](value)
+
+
+def _whole_numbers(column: pd.Series) -> pd.Series:
+    """An ``int`` output that a rejected row's null made float (``_merge_column``), as
+    whole numbers again, null where rejected: ``35``, not ``35.0``, in every answer."""
+    try:
+        return column.astype("Int64")
+    except (TypeError, ValueError):  # not whole numbers after all: leave them as they are
+        return column
 
 
 def predictions(scored: pd.DataFrame, spec: PipelineSpec) -> pd.DataFrame:

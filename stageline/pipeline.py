@@ -13,15 +13,16 @@ import pandas as pd
 
 from stageline.context import StageContext, resolve_home, stage_factory
 from stageline.features import StoreUnavailableError
-from stageline.outputs import OutputContract, predictions, records
+from stageline.outputs import OutputContract, check_outputs_provided, predictions, records
 from stageline.spec import PipelineSpec, StageSpec, load_spec
 from stageline.stage import Reloadable, Reporting, Stage, StageError, StageStatus, check_rows
 from stageline.stages.validate import ValidateRequest
 
 
-def build_stage(spec: PipelineSpec, stage: StageSpec, home: Path) -> Stage:
-    """Construct one stage as every runtime does; a failure names the stage."""
-    cls, kwargs = stage_factory(spec, stage, home)
+def build_stage(spec: PipelineSpec, stage: StageSpec, home: Path, *, as_of: bool = False) -> Stage:
+    """Construct one stage as every runtime does; a failure names the stage. With
+    ``as_of``, its features are those as of each row's event time (``StageContext.as_of``)."""
+    cls, kwargs = stage_factory(spec, stage, home, as_of=as_of)
     try:
         instance: Stage = cls(**kwargs)
     except StoreUnavailableError as e:  # still unavailable: callers wait or answer 503
@@ -46,14 +47,19 @@ class StageChain:
         home: str | os.PathLike[str] | None = None,
         *,
         validate: bool = False,
+        as_of: bool = False,
     ) -> None:
         self.spec = spec
         self.home = resolve_home(home)
+        self.as_of = as_of
         self.stages: list[tuple[str, Stage]] = []
         if validate:
-            context = StageContext("validate", spec, self.home)
+            context = StageContext("validate", spec, self.home, as_of=as_of)
             self.stages.append(("validate", ValidateRequest(context=context)))
-        self.stages += [(n, build_stage(spec, spec.stage(n), self.home)) for n in stages]
+        self.stages += [
+            (n, build_stage(spec, spec.stage(n), self.home, as_of=as_of)) for n in stages
+        ]
+        check_outputs_provided(spec, self.stages)  # refused at load, not on each request
 
     def __iter__(self) -> Iterator[tuple[str, Stage]]:
         return iter(self.stages)
@@ -92,19 +98,28 @@ class Pipeline(StageChain):
     """All stages of a spec, validation first, run in this process: the reference
     result Ray Serve and Ray Data must match.
 
+    With ``as_of``, features are joined from the offline store as of each row's
+    event time (``request.event_time``), as training joins them: backfills and
+    backtests. By default they are the online store's latest values.
+
     >>> pipe = Pipeline.from_spec("pipelines/fraud.yaml")   # doctest: +SKIP
     >>> pipe.predict(pd.DataFrame(records))                 # doctest: +SKIP
     """
 
-    def __init__(self, spec: PipelineSpec, home: str | os.PathLike[str] | None = None) -> None:
-        super().__init__(spec, [s.name for s in spec.stages], home, validate=True)
+    def __init__(
+        self, spec: PipelineSpec, home: str | os.PathLike[str] | None = None, as_of: bool = False
+    ) -> None:
+        super().__init__(spec, [s.name for s in spec.stages], home, validate=True, as_of=as_of)
         self.contract = OutputContract(spec)  # once: it resolves the stages' classes
 
     @classmethod
     def from_spec(
-        cls, spec: str | os.PathLike[str] | PipelineSpec, home: str | os.PathLike[str] | None = None
+        cls,
+        spec: str | os.PathLike[str] | PipelineSpec,
+        home: str | os.PathLike[str] | None = None,
+        as_of: bool = False,
     ) -> Pipeline:
-        return cls(spec if isinstance(spec, PipelineSpec) else load_spec(Path(spec)), home)
+        return cls(spec if isinstance(spec, PipelineSpec) else load_spec(Path(spec)), home, as_of)
 
     def predict(self, batch: pd.DataFrame) -> pd.DataFrame:
         """One prediction per row: the id, the declared outputs, the model, ``error``."""

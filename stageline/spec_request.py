@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from stageline.spec_base import SpecModel
+from stageline.spec_base import LocatedError, SpecModel
 
 FieldType = Literal["str", "int", "float", "bool", "category", "datetime"]
 
@@ -79,11 +79,41 @@ class RequestSchema(SpecModel):
     """Field echoed back with every prediction (and the key of batch output)."""
     fields: dict[str, FieldSpec]
     """The fields by name, as records carry them."""
+    event_time: str | None = None
+    """The ``datetime`` field that says when a record happened (required in every
+    record). Scoring ``--as-of`` (backfills, backtests) takes each record's features
+    from the offline store as of this time, as training does; without it, scoring
+    uses the online store's latest values only."""
 
     @model_validator(mode="after")
     def _id_present(self) -> RequestSchema:
         if self.id_field not in self.fields:
             raise ValueError(f"id_field {self.id_field!r} is not one of the fields")
+        return self
+
+    @model_validator(mode="after")
+    def _event_time_is_a_datetime(self) -> RequestSchema:
+        name = self.event_time
+        if name is None:
+            return self
+        field = self.fields.get(name)
+        if field is None:
+            raise LocatedError(
+                ("event_time",),
+                f"event_time {name!r} is not one of the fields; name the datetime field "
+                "that says when a record happened",
+            )
+        if field.type != "datetime":
+            raise LocatedError(
+                ("event_time",),
+                f"event_time {name!r} is a {field.type} field; it must name a datetime field",
+            )
+        if not field.is_required and field.default is None:
+            # A record without its time could not be scored as of it.
+            raise LocatedError(
+                ("event_time",),
+                f"event_time {name!r} must be a required field (drop its 'required: false')",
+            )
         return self
 
     def record_model(self, name: str = "Record") -> type[BaseModel]:

@@ -6,7 +6,7 @@ import argparse
 import os
 
 from stageline import localray, supervisor
-from stageline.context import resolve_home
+from stageline.context import as_of_field, resolve_home
 from stageline.spec import prepare_home
 from stageline_cli.common import AddCommand, CliError, load, online_option, spec_option
 from stageline_cli.processes import StopSignal, ray_connected, ray_disconnect, supervise
@@ -43,11 +43,21 @@ def add_batch(add: AddCommand) -> None:
         "--num-cpus", type=float, help="logical CPUs of the local Ray (default: 2 x cores)"
     )
     online_option(batch)
+    batch.add_argument(
+        "--as-of",
+        action="store_true",
+        help="features as of each row's event time (the spec's request.event_time), joined "
+        "from the offline store's history as training joins them, instead of the online "
+        "store's latest values: for backfills and backtests. An output holds one mode: "
+        "adding to it in the other needs --full or another --output",
+    )
     batch.set_defaults(func=cmd_batch)
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
     spec, home = load(args), resolve_home(args.home)
+    if args.as_of:
+        as_of_field(spec)  # a spec without request.event_time fails now, not after setup
     prepare_home(spec, home)
     # Supervised when it starts a Ray of its own: on a cluster (--address, $RAY_ADDRESS,
     # as under `ray job submit`) the cluster outlives the driver, and its job manager
@@ -66,7 +76,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     connected = connect(args.address, num_cpus=args.num_cpus)
     stop.install()  # again: ray.init sets a SIGTERM handler of its own
     try:
-        summary = run(spec, args.input, args.output, home, full=args.full)
+        summary = run(spec, args.input, args.output, home, full=args.full, as_of=args.as_of)
     except KeyboardInterrupt:
         raise CliError(
             "stopped: nothing of this run was published; the next run scores its input again"

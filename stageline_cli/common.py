@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Protocol
 
 from stageline.context import HOME_ENV
@@ -14,7 +15,17 @@ from stageline.stage import StageError
 DEFAULT_SPEC = "pipelines/fraud.yaml"
 HOME_HELP = f"stageline home (default: ${HOME_ENV} or ./.stageline)"
 EXPECTED = (SpecError, StageError, RegistryError, FeatureStoreError, OSError, ValueError)
-"""Errors a user can cause and fix: printed as one line, exit status 1."""
+"""Errors a user can cause and fix: printed as one line, exit status 1 (with the
+traceback above it under ``--debug``). Any other exception is a bug: its traceback is
+always printed."""
+
+DEBUG_ENV = "STAGELINE_DEBUG"
+"""Set to 1 (or true, yes, on): as ``stageline --debug``, every error with its traceback."""
+
+
+def debugging(flag: bool = False) -> bool:
+    """``--debug`` was given, or :data:`DEBUG_ENV` is set to a true value."""
+    return flag or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 class CliError(Exception):

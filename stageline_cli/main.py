@@ -8,11 +8,12 @@ import os
 import select
 import signal
 import sys
+import traceback
 from collections.abc import Sequence
 
 from stageline.context import HOME_ENV
-from stageline_cli import batch, demo, materialize, predict, registry, serve, spec
-from stageline_cli.common import EXPECTED, HOME_HELP, CliError
+from stageline_cli import batch, demo, init, materialize, predict, registry, serve, spec
+from stageline_cli.common import DEBUG_ENV, EXPECTED, HOME_HELP, CliError, debugging
 
 EXIT_PIPE_CLOSED = 128 + signal.SIGPIPE
 """Exit status when the reader closes stdout early (``stageline predict ... | head``): what
@@ -53,12 +54,24 @@ def _run(argv: Sequence[str] | None) -> int:
     except (CliError, *EXPECTED) as e:
         if isinstance(e, BrokenPipeError) and stdout_closed():
             raise  # no one reads on: main leaves quietly
+        if debugging(args.debug):
+            traceback.print_exc()
         message = str(e).strip() or type(e).__name__
         print(f"stageline: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("stageline: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        # Not a mistake the user can fix from the message: the whole traceback, always.
+        traceback.print_exc()
+        print(
+            f"stageline: unexpected {type(e).__name__} (traceback above): if it comes from "
+            "your own code (a stage, a transform), fix it there; else it is a bug in "
+            "stageline, please report it with the traceback",
+            file=sys.stderr,
+        )
+        return 1
 
 
 def stdout_closed() -> bool:
@@ -79,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="One tabular inference pipeline (XGBoost) for online serving and batch.",
         epilog=f"Files live under --home, else ${HOME_ENV}, else ./.stageline",
     )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"print the full traceback of any error (also ${DEBUG_ENV}=1); without it, "
+        "an error you can fix is one line",
+    )
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     def add(name: str, help: str, description: str) -> argparse.ArgumentParser:
@@ -94,4 +113,5 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_serve(add)
     materialize.add_materialize(add)
     spec.add_spec(add)
+    init.add_init(add)
     return parser

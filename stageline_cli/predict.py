@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from stageline.context import resolve_home
+from stageline.context import AS_OF_FEATURES, as_of_field, resolve_home
 from stageline.spec import prepare_home
 from stageline_cli.common import AddCommand, CliError, load, online_option, spec_option
 
@@ -29,6 +29,13 @@ def add_predict(add: AddCommand) -> None:
         help="write predictions here (.parquet, .csv or .jsonl); default: JSON lines on stdout",
     )
     online_option(predict)
+    predict.add_argument(
+        "--as-of",
+        action="store_true",
+        help="features as of each row's event time (the spec's request.event_time), joined "
+        "from the offline store's history as training joins them, instead of the online "
+        "store's latest values: for backfills and backtests",
+    )
     predict.set_defaults(func=cmd_predict)
 
 
@@ -36,10 +43,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from stageline.pipeline import Pipeline, records
 
     spec, home = load(args), resolve_home(args.home)
+    if args.as_of:
+        as_of_field(spec)  # a spec without request.event_time fails now, not after setup
     prepare_home(spec, home)
     batch = read_records(Path(args.input))
     started = time.perf_counter()
-    result = Pipeline(spec, home).predict(batch)
+    result = Pipeline(spec, home, as_of=args.as_of).predict(batch)
     seconds = time.perf_counter() - started
     if args.output:
         write_records(result, Path(args.output))
@@ -56,8 +65,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     )
     print(
         f"scored {len(result) - rejected} of {len(result)} rows ({rejected} rejected, see 'error') "
-        f"with {', '.join(models) or 'no model'} in {seconds:.2f} s"
-        + (f"; wrote {args.output}" if args.output else ""),
+        f"with {', '.join(models) or 'no model'}{', ' + AS_OF_FEATURES if args.as_of else ''} "
+        f"in {seconds:.2f} s" + (f"; wrote {args.output}" if args.output else ""),
         file=sys.stderr,
     )
     return 0

@@ -15,6 +15,7 @@ import pandas as pd
 import xgboost as xgb
 
 from stageline._io import atomic_write_bytes, atomic_write_parquet
+from stageline.context import as_of_field
 from stageline.features import OfflineStore, found_column, materialize
 from stageline.pipeline import build_stage
 from stageline.registry import LocalRegistry, ModelMetadata
@@ -144,7 +145,8 @@ def training_frame(
     frame = validate_frame(tx.reset_index(drop=True), spec.request)
     if error_mask(frame).any():
         raise StageError(f"{int(error_mask(frame).sum())} training rows fail the request schema")
-    frame = offline.point_in_time_join(frame, VIEW, timestamp="ts")
+    # The time serving scores a row as of (--as-of): training sees exactly those values.
+    frame = offline.point_in_time_join(frame, VIEW, timestamp=as_of_field(spec))
     for stage in transforms:
         frame = stage(frame)
     return frame

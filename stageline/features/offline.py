@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import pandas as pd
@@ -18,6 +18,8 @@ class FeatureStoreError(RuntimeError):
 
 
 _DTYPES: dict[str, Any] = {"float": "float64", "int": "int64", "bool": "bool", "str": object}
+_TIME: Final = "datetime64[ns, UTC]"
+"""Row times and event times meet in one dtype (parquet may hold other units)."""
 
 
 def found_column(view: str) -> str:
@@ -95,37 +97,65 @@ class OfflineStore:
         frame = self.read(name).sort_values(view.event_time, kind="stable")
         return frame.drop_duplicates(view.entity, keep="last").reset_index(drop=True)
 
+    def history(self, name: str) -> FeatureHistory:
+        """A view's whole table, read and sorted once, to join as of any times."""
+        return FeatureHistory(name, self.view(name), self.read(name))
+
     def point_in_time_join(
-        self, rows: pd.DataFrame, name: str, *, key: str | None = None, timestamp: str = "ts"
+        self, rows: pd.DataFrame, name: str, *, timestamp: str, key: str | None = None
     ) -> pd.DataFrame:
-        """``rows`` plus each entity's feature values as of the row's timestamp.
+        """``rows`` plus each entity's feature values as of the row's ``timestamp`` column.
 
         Only values whose event time is at or before the row's timestamp are
         used, so a training set never sees the future. Rows keep their order;
         an entity with no earlier value gets the view's defaults and
         ``<view>_found=False``.
         """
-        view = self.view(name)
-        key = key or view.entity
-        table = self.read(name)
-        left = pd.DataFrame(
-            {
-                "_key": rows[key].astype(str).to_numpy(),
-                "_ts": pd.to_datetime(rows[timestamp], utc=True).to_numpy(),
-                "_pos": np.arange(len(rows)),
-            }
-        ).sort_values("_ts", kind="stable")
-        right = table.rename(columns={view.entity: "_key", view.event_time: "_ts"})
-        right = right[["_key", "_ts", *view.features]].sort_values("_ts", kind="stable")
-        right["_hit"] = True
-        right["_key"] = right["_key"].astype(left["_key"].dtype)
-        right["_ts"] = right["_ts"].astype(left["_ts"].dtype)
-        joined = pd.merge_asof(
-            left, right, on="_ts", by="_key", direction="backward", allow_exact_matches=True
-        ).sort_values("_pos")
-        found = joined["_hit"].eq(True).to_numpy()
-        features = with_defaults(joined.reset_index(drop=True), name, view, found)
-        features.index = rows.index
+        history = self.history(name)
+        features = history.as_of(rows[key or history.view.entity], rows[timestamp])
         return pd.concat(
             [rows.drop(columns=list(features.columns), errors="ignore"), features], axis=1
         )
+
+
+class FeatureHistory:
+    """One feature view's history, sorted by event time: its values as of any time.
+
+    Built once (a training set, or a stage scoring ``as_of``), joined per batch.
+    """
+
+    def __init__(self, name: str, view: FeatureViewSpec, table: pd.DataFrame) -> None:
+        self.name = name
+        self.view = view
+        right = table.rename(columns={view.entity: "_key", view.event_time: "_ts"})
+        right = right[["_key", "_ts", *view.features]].sort_values("_ts", kind="stable")
+        right["_key"] = right["_key"].astype(str)
+        right["_ts"] = right["_ts"].astype(_TIME)
+        right["_hit"] = True
+        self.table = right.reset_index(drop=True)
+
+    def as_of(self, keys: pd.Series, times: pd.Series) -> pd.DataFrame:
+        """For each key, the typed feature values whose event time is the newest at or
+        before its time (naive times are UTC), and ``<view>_found``; on ``keys.index``.
+        A key with no value by then gets the view's defaults and ``found=False``."""
+        at = pd.to_datetime(times, utc=True).astype(_TIME)
+        if at.isna().any():
+            raise FeatureStoreError(
+                f"feature view {self.name!r}: {int(at.isna().sum())} row(s) have no time "
+                "to join features as of"
+            )
+        left = pd.DataFrame(
+            {
+                "_key": keys.astype(str).to_numpy(),
+                "_ts": at.to_numpy(),
+                "_pos": np.arange(len(keys)),
+            }
+        ).sort_values("_ts", kind="stable")
+        left["_key"] = left["_key"].astype(self.table["_key"].dtype)
+        joined = pd.merge_asof(
+            left, self.table, on="_ts", by="_key", direction="backward", allow_exact_matches=True
+        ).sort_values("_pos")
+        found = joined["_hit"].eq(True).to_numpy()
+        features = with_defaults(joined.reset_index(drop=True), self.name, self.view, found)
+        features.index = keys.index
+        return features

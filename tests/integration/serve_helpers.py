@@ -1,12 +1,15 @@
 """What the Serve integration tests share: Serve's own view of an app, HTTP calls
-as a client makes them, and variants of the fraud spec."""
+as a client makes them (of the fraud pipeline, and of any pipeline), and variants of
+the fraud spec."""
 
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import requests
 import yaml
@@ -19,7 +22,11 @@ from tests.conftest import FRAUD_SPEC
 TIMEOUT = 30.0
 Json = dict[str, Any]
 Scored = tuple[float, bool, list[str], int]
-"""What a caller gets for one record: score, label, reasons, model version."""
+"""What a caller of the fraud pipeline gets for one record: score, label, reasons, model
+version."""
+Answer = dict[str, Any]
+"""What a caller of any pipeline gets for one record: each of its declared outputs, and
+``model_name`` and ``model_version``."""
 
 
 def app_details(name: str) -> ApplicationDetails:
@@ -42,12 +49,18 @@ def replica_ids(name: str) -> dict[str, set[str]]:
 
 def client_records(frame: pd.DataFrame) -> list[Json]:
     """Rows as a client sends them: JSON values, ISO 8601 times, null fields left out."""
-    out = []
-    for row in frame.to_dict(orient="records"):
-        record = {str(k): v for k, v in row.items() if v is not None and not pd.isna(v)}
-        record["ts"] = pd.Timestamp(record["ts"]).isoformat()
-        out.append(record)
-    return out
+    return [
+        {str(k): _json_value(v) for k, v in row.items() if v is not None and not pd.isna(v)}
+        for row in frame.to_dict(orient="records")
+    ]
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, datetime):  # a pd.Timestamp too
+        return value.isoformat()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 def predict(url: str, records: list[Json]) -> dict[str, Scored]:
@@ -59,6 +72,32 @@ def predict(url: str, records: list[Json]) -> dict[str, Scored]:
     return {
         p["transaction_id"]: (p["score"], p["label"], p["reasons"], version)
         for p in body["predictions"]
+    }
+
+
+def answers(url: str, records: list[Json], id_field: str) -> dict[str, Answer]:
+    """``POST /predict`` for any pipeline: what the caller got for each record id (a 200
+    is required, and every record scored)."""
+    resp = requests.post(f"{url}/predict", json={"records": records}, timeout=TIMEOUT)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    model = {"model_name": body["model"]["name"], "model_version": body["model"]["version"]}
+    out = {}
+    for p in body["predictions"]:
+        assert "error" not in p, p
+        out[str(p[id_field])] = {**{k: v for k, v in p.items() if k != id_field}, **model}
+    return out
+
+
+def in_process_answers(pipeline: Pipeline, frame: pd.DataFrame) -> dict[str, Answer]:
+    """The reference for any pipeline: what the in-process pipeline computes for the same
+    rows (every one scored), by record id."""
+    id_field = pipeline.contract.id_field
+    expected = records(pipeline.predict(frame))
+    assert [r for r in expected if r["error"]] == []
+    return {
+        str(r[id_field]): {k: v for k, v in r.items() if k not in (id_field, "error")}
+        for r in expected
     }
 
 

@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 import requests
 import xgboost as xgb
+import yaml
 from ray import serve
 
 from serve_app import AppArgs, build_app
@@ -407,3 +408,25 @@ def switches(versions: list[int | None], old: int, new: int) -> bool:
     """Whether ``versions`` is ``old`` answers, then only ``new`` ones (no flapping)."""
     k = next((i for i, v in enumerate(versions) if v != old), len(versions))
     return all(v == new for v in versions[k:])
+
+
+def test_the_local_placement_refuses_outputs_no_stage_gives_at_start(
+    tmp_path: Path, fraud_spec: PipelineSpec, demo_home: Path
+) -> None:
+    """What ``stageline serve`` runs by default (every stage in the ingress, each in a
+    chain of its own) refuses a spec whose declared outputs its stages do not give, as
+    the in-process pipeline does: when the replica starts, not on every request."""
+    from serve_app.ingress import placement_runner
+    from stageline.spec import SpecError
+
+    data = fraud_spec.model_dump(mode="json", exclude_none=True)
+    data["outputs"] = [{"name": "score", "type": "float"}, {"name": "eta", "type": "float"}]
+    path = tmp_path / "fraud.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    spec = load_spec(path)
+    assert len(spec.stages) > 1
+    assert all(s.inline for s in spec.segments())
+    with pytest.raises(SpecError, match=r"declares output\(s\) \['eta'\] that no stage"):
+        placement_runner(spec, str(demo_home), [])
+
+    assert placement_runner(fraud_spec, str(demo_home), []) is not None

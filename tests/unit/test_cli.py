@@ -60,9 +60,9 @@ def stdout_predictions(out: str) -> list[dict[str, object]]:
 
 
 def registry_rows(out: str) -> dict[str, list[str]]:
-    """``registry list`` output as {version: [model, version, aliases, auc, ...]}."""
+    """``registry list`` output as {version: [model, version, aliases, task, ...]}."""
     header, *rows = (line.split() for line in out.splitlines())
-    assert header[:4] == ["MODEL", "VERSION", "ALIASES", "AUC"]
+    assert header[:5] == ["MODEL", "VERSION", "ALIASES", "TASK", "METRICS"]
     return {row[1]: row for row in rows}
 
 
@@ -205,7 +205,9 @@ def test_registry_list_shows_the_demo_champion(
     assert code == 0
     meta = LocalRegistry(demo_home / "models").resolve("fraud")
     (row,) = registry_rows(out).values()
-    assert row[:4] == ["fraud", "1", "champion", f"{meta.metrics['auc']:.3f}"]
+    assert row[:4] == ["fraud", "1", "champion", "binary"]
+    assert f"  {meta.metrics_summary()}  " in out
+    assert meta.metrics_summary().startswith(f"auc {meta.metrics['auc']:.3g}")
     assert row[-1] == meta.sha256[:12]
 
 
@@ -458,3 +460,72 @@ def test_csv_input_treats_only_an_empty_field_as_missing(tmp_path: Path) -> None
     assert frame["country"].tolist()[0] == "NA"  # Namibia, not a null
     assert pd.isna(frame["country"].tolist()[1])
     assert frame["country"].tolist()[2] == "null"
+
+
+# --------------------------------------------------------------------------- --debug
+
+
+@pytest.mark.parametrize("how", ["flag", "env", "off"])
+def test_debug_prints_the_traceback_of_an_error_a_user_can_fix(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    demo_home: Path,
+    how: str,
+) -> None:
+    monkeypatch.delenv("STAGELINE_DEBUG", raising=False)
+    if how == "env":
+        monkeypatch.setenv("STAGELINE_DEBUG", "1")
+    argv = ["registry", "show", "nosuch", "--home", str(demo_home)]
+
+    code, out, err = cli(capsys, *(["--debug", *argv] if how == "flag" else argv))
+
+    if how == "off":
+        assert_one_error(code, err, ["no model 'nosuch'"])
+        return
+    assert (code, out) == (1, "")
+    assert err.startswith("Traceback (most recent call last):")
+    assert "ModelNotFoundError: no model 'nosuch'" in err
+    assert err.splitlines()[-1].startswith("stageline: error: no model 'nosuch'")
+
+
+def test_an_unexpected_error_keeps_its_traceback_and_a_hint(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def bug(args: object) -> int:
+        counts: dict[str, int] = {}
+        return counts["no such key"]
+
+    monkeypatch.delenv("STAGELINE_DEBUG", raising=False)
+    monkeypatch.setattr(registry_cli, "cmd_registry_list", bug)
+    code, out, err = cli(capsys, "registry", "list")
+
+    assert (code, out) == (1, "")
+    assert err.startswith("Traceback (most recent call last):")
+    assert "KeyError: 'no such key'" in err
+    hint = err.splitlines()[-1]
+    assert hint.startswith("stageline: unexpected KeyError (traceback above)")
+    assert "please report it" in hint
+
+
+# --------------------------------------------------------------------------- busy ports
+
+
+@pytest.mark.parametrize("option", ["--port", "--metrics-port"])
+def test_serve_on_a_busy_port_is_one_line_naming_the_port_and_option(
+    capsys: pytest.CaptureFixture[str], home_copy: Path, option: str
+) -> None:
+    import socket
+
+    from tests.conftest import free_port
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        busy = held.getsockname()[1]
+        ports = {"--port": free_port(), "--metrics-port": free_port(), option: busy}
+        options = [str(a) for pair in ports.items() for a in pair]
+        code, out, err = cli(capsys, "serve", "--spec", SPEC, "--home", home_copy, *options)
+
+    assert_one_error(code, err, [f"port {busy} on 127.0.0.1 is in use", f"with {option}"])
+    assert out == ""
+    assert not (home_copy / "run" / "serve.json").exists()  # nothing was started

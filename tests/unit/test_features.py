@@ -135,7 +135,7 @@ def test_point_in_time_join_uses_values_as_of_each_row(store_home: Path, index: 
 
 def test_point_in_time_join_reads_naive_timestamps_as_utc(store_home: Path) -> None:
     rows = pd.DataFrame({"user": ["a", "a"], "ts": ["2026-01-01T23:00:00", "2025-12-31T23:00:00"]})
-    joined = offline(store_home).point_in_time_join(rows, VIEW)
+    joined = offline(store_home).point_in_time_join(rows, VIEW, timestamp="ts")
     assert joined["spend"].tolist() == [10.0, DEFAULTS["spend"]]
     assert joined[FOUND].tolist() == [True, False]
 

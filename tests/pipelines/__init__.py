@@ -1,0 +1,1 @@
+"""Pipelines the tests run beside the shipped examples (tests/cases.py)."""
