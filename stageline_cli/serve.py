@@ -25,10 +25,10 @@ def add_serve(add: AddCommand) -> None:
         "serve the pipeline over HTTP with Ray Serve (local Ray on 127.0.0.1)",
         "Start a local Ray bound to 127.0.0.1 and serve the pipeline behind an HTTP ingress "
         "with Ray Serve, placed as the spec's serve section says: the stages in serve.inline "
-        "run inside the ingress replicas (every stage, in pipelines/fraud.yaml), each other "
-        "stage in an autoscaling deployment of its own (serve.fuse groups share one). With "
-        "--model on an app that is already running, move it to that model version in place "
-        "instead.",
+        "run inside the ingress replicas (by default, every stage not in a serve.fuse group), "
+        "each other stage in an autoscaling deployment of its own (serve.fuse groups share "
+        "one). With --model on an app that is already running, move it to that model version "
+        "in place instead.",
     )
     spec_option(srv)
     srv.add_argument("--host", default="127.0.0.1", help="HTTP host (default: %(default)s)")
