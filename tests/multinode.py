@@ -260,11 +260,7 @@ def _start(demo: DemoResult, redis: RedisServer, workdir: Path) -> Cluster:
         == 0
     )
     # What `stageline serve` gives its Ray: the replicas report their load every second.
-    # A test cluster's nodes stop at once, without Ray's 30 s drain each.
-    ray = LocalCluster(
-        workdir / "ray",
-        env={**SERVE_SETTINGS, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"},
-    )
+    ray = LocalCluster(workdir / "ray", env=dict(SERVE_SETTINGS))
     try:
         ray.start_head(num_cpus=3)
         wait_for(lambda: _answers(ray), timeout=120, what="the head node")
