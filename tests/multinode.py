@@ -24,7 +24,6 @@ import pytest
 import requests
 import yaml
 
-from serve_app.ray_internals import SETTINGS as SERVE_SETTINGS
 from stageline.demo.train import DemoResult
 from stageline_cli import main
 from tests.conftest import FRAUD_SPEC, ROOT, RedisServer
@@ -42,7 +41,6 @@ class Cluster:
     def __init__(self, ray: LocalCluster, home: Path, online: str, workdir: Path) -> None:
         self.ray, self.home, self.online, self.workdir = ray, home, online, workdir
         self._url: str | None = None
-        self._port = 0
 
     def api(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         """The dashboard's REST API (Jobs, Serve, State), with the cluster's token."""
@@ -118,30 +116,11 @@ class Cluster:
             for name, d in app["deployments"].items()
         }
 
-    def deploy_beside(self, extra: dict[str, Any] | None) -> None:
-        """Deploy ``extra`` (one application of a Serve config) beside the demo app, or
-        with None take it away again: ``serve deploy`` replaces every app of a cluster,
-        so the config always holds the demo app, unchanged (Serve leaves it running)."""
-        assert self._url is not None or self.url
-        self._serve_deploy([] if extra is None else [extra])
-
-    def app_replicas(self, app: str) -> dict[str, int]:
-        """RUNNING replicas of each deployment of ``app``."""
-        found = self.api("GET", "/api/serve/applications/").json()["applications"][app]
-        return {
-            name: sum(r["state"] == "RUNNING" for r in d["replicas"])
-            for name, d in found["deployments"].items()
-        }
-
     def _deploy(self) -> str:
-        self._port = free_port()
-        self._serve_deploy([])
-        return f"http://127.0.0.1:{self._port}"
-
-    def _serve_deploy(self, extra: list[dict[str, Any]]) -> None:
         # cluster/serve.yaml as shipped; only this machine's paths and a free port differ.
         config = yaml.safe_load((ROOT / "cluster" / "serve.yaml").read_text())
-        config["http_options"]["port"] = self._port
+        port = free_port()
+        config["http_options"]["port"] = port
         (app,) = config["applications"]
         app["args"] = {
             **app["args"],
@@ -149,7 +128,6 @@ class Cluster:
             "home": str(self.home),
             "online": self.online,
         }
-        config["applications"] += extra
         path = self.workdir / "serve.yaml"
         path.write_text(yaml.safe_dump(config))
         deploy = subprocess.run(
@@ -157,16 +135,14 @@ class Cluster:
             env=self.ray.env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert deploy.returncode == 0, deploy.stdout + deploy.stderr
-        names = {a["name"] for a in config["applications"]}
 
         def running() -> bool:
-            apps = self.api("GET", "/api/serve/applications/").json()["applications"]
-            for name in names:
-                app = apps.get(name)
-                assert app is None or app["status"] != "DEPLOY_FAILED", app
-            return set(apps) == names and all(apps[n]["status"] == "RUNNING" for n in names)
+            app = self.api("GET", "/api/serve/applications/").json()["applications"].get("fraud")
+            assert app is None or app["status"] != "DEPLOY_FAILED", app
+            return app is not None and app["status"] == "RUNNING"
 
-        wait_for(running, timeout=240, what="the apps to run")
+        wait_for(running, timeout=240, what="the app to run")
+        return f"http://127.0.0.1:{port}"
 
     # -- Jobs ---------------------------------------------------------------------
 
@@ -259,8 +235,7 @@ def _start(demo: DemoResult, redis: RedisServer, workdir: Path) -> Cluster:
         main(["materialize", "--spec", str(FRAUD_SPEC), "--home", str(home), "--online", online])
         == 0
     )
-    # What `stageline serve` gives its Ray: the replicas report their load every second.
-    ray = LocalCluster(workdir / "ray", env=dict(SERVE_SETTINGS))
+    ray = LocalCluster(workdir / "ray")
     try:
         ray.start_head(num_cpus=3)
         wait_for(lambda: _answers(ray), timeout=120, what="the head node")
