@@ -117,8 +117,15 @@ def bindable(port: int) -> bool:
 
 
 def refused(a: Attempt) -> bool:
-    """No connection at all: the server had stopped listening (nothing was sent)."""
-    return a.status == 0 and "Connection refused" in a.body
+    """No connection at all, so nothing was sent: the server had stopped listening
+    (refused), or closed its listener while this connection still waited in the
+    kernel's accept queue (the kernel resets those; the client's connect fails with
+    ECONNRESET before it writes a byte, as any listener's close may do)."""
+    if a.status != 0:
+        return False
+    return "Connection refused" in a.body or (
+        "Failed to establish a new connection" in a.body and "Connection reset by peer" in a.body
+    )
 
 
 def clean(a: Attempt) -> bool:
