@@ -52,9 +52,7 @@ from stageline.spec_runtime import (
     AutoscalingSpec,
     BatchAppSpec,
     BatchingSpec,
-    GraphSpec,
     IngressSpec,
-    Placement,
     ServeAppSpec,
     StageBatchSpec,
     StageServeSpec,
@@ -73,14 +71,12 @@ __all__ = [
     "FeatureViewSpec",
     "FieldSpec",
     "FieldType",
-    "GraphSpec",
     "IngressSpec",
     "MemoryStoreSpec",
     "OnlineStoreSpec",
     "OutputSpec",
     "OutputType",
     "PipelineSpec",
-    "Placement",
     "RedisStoreSpec",
     "RequestSchema",
     "Segment",
@@ -238,20 +234,6 @@ class PipelineSpec(SpecModel):
         switched._base_dir = self._base_dir
         return switched
 
-    def with_placement(self, placement: Placement) -> PipelineSpec:
-        """This spec placed ``placement``: for ``graph``, no stage inline and the
-        ingress's autoscaling and batches in flight from ``serve.graph``. What
-        ``--placement`` and the Serve ``args`` key do; the app is built from it."""
-        data = self.model_dump()
-        serve = data["serve"]
-        serve["placement"] = placement
-        if placement == "graph":
-            serve["ingress"]["autoscaling"] = serve["graph"]["ingress"]
-            serve["ingress"]["in_flight"] = serve["graph"]["in_flight"]
-        placed = PipelineSpec.model_validate(data)
-        placed._base_dir = self._base_dir
-        return placed
-
     def batch_segments(self) -> list[Segment]:
         """The actor pools of a batch run: the whole chain (``batch.fuse: all``), else
         one per fused group and one per remaining stage."""
@@ -264,9 +246,7 @@ class PipelineSpec(SpecModel):
         """Where the deployment boundaries fall: one segment per stage, a fused group,
         or a run of adjacent inline stages. Placement never changes what is computed."""
         inline = self.serve.inline
-        if self.serve.placement == "graph":
-            inline = ()
-        elif inline is None:
+        if inline is None:
             fused = {n for group in self.serve.fuse for n in group}
             inline = tuple(s.name for s in self.stages if s.name not in fused)
         return _fused_segments(self.stages, self.serve.fuse, inline)

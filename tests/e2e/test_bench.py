@@ -139,26 +139,3 @@ def test_soak_smoke(tmp_path: Path, bench_home: Path) -> None:
     }
     assert goals["0 errors"]["ok"], goals["0 errors"]
     assert (tmp_path / "soak.png").stat().st_size > 0
-
-
-@needs_wrk
-def test_scale_smoke(tmp_path: Path, bench_home: Path) -> None:
-    record = smoke("scale", tmp_path, bench_home, timeout=600)
-    assert record["rows"], "the load's windows"
-    summary = record["summary"]
-    steps = summary["steps"]
-    assert [(s["clients"], s["seconds"]) for s in steps] == [(1, 4), (8, 6), (1, 6)]
-    assert all(s["requests"] > 0 and s["errors"] == 0 for s in steps), steps
-    # The graph placement: every stage a deployment of its own, in the spec's ranges.
-    assert set(summary["bounds"]) == {"ingress", "features", "transform", "model", "postprocess"}
-    assert summary["bounds"]["model"] == {"min": 1, "max": 3}
-    sampled = [s for s in summary["samples"] if "deployments" in s]
-    assert len(sampled) >= 10, "replicas sampled every second through the load"
-    assert all(s["deployments"]["model"]["running"] >= 1 for s in sampled)
-    probed = [r for r in summary["busy_rounds"] if r["busy"]]
-    assert probed, "the stage deployments' busy shares were read"
-    assert {"features", "transform", "model", "postprocess"} == set(probed[-1]["busy"])
-    assert all(0 <= b["mean"] <= 1 for r in probed for b in r["busy"].values())
-    assert [e["direction"] for e in summary["events"]] == ["up", "down"]
-    assert summary["cluster"]["left_running"] == [], "the cluster is stopped"
-    assert (tmp_path / "scale.png").stat().st_size > 0
