@@ -54,7 +54,9 @@ def build(spec: PipelineSpec) -> Application:
     deployment = cast(Deployment, serve.deployment(Noop)).options(
         name=INGRESS,
         ray_actor_options={"num_cpus": ingress.num_cpus},
-        autoscaling_config=_autoscaling(ingress.autoscaling, ingress.max_ongoing_requests),
+        autoscaling_config=_autoscaling(
+            ingress.autoscaling, ingress.max_ongoing_requests, busy=False
+        ),
         max_ongoing_requests=ingress.max_ongoing_requests,
         max_queued_requests=ingress.max_queued_requests,
     )

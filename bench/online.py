@@ -1,7 +1,7 @@
 """Online: single-record POST /predict of the demo pipeline, ``stageline serve``
 against the other ways to serve it, under load from ``wrk``.
 
-    python -m bench.online [--targets A A2 B C D E] [--concurrency 1 8 32 64 128]
+    python -m bench.online [--targets A G B C D E] [--concurrency 1 8 32 64 128]
                            [--duration S] [--warmup S] [--rounds N] [--home H]
                            [--results DIR] [--smoke]
 
@@ -9,8 +9,9 @@ Targets, each its own process on a free loopback port, started, polled until it
 answers 200, measured, stopped, one at a time:
 
 - A   ``stageline serve``, exactly as shipped;
-- A2  (A' in the results) the same with ``serve.fuse: []`` and ``serve.inline: []``:
-  one deployment per stage, behind one ingress replica (``PER_STAGE_INGRESS``);
+- G   ``stageline serve --placement graph``: the shipped spec in the ``graph``
+  placement, every stage an autoscaling deployment of its own behind an ingress that
+  only routes (what ``cluster/serve.yaml`` ships), all on this one machine;
 - B   the stages composed as Ray Serve's examples compose a chain (``bench.naive_serve``);
 - C   FastAPI with uvicorn, 2 workers, no Ray (``bench.fastapi_app``);
 - D   no HTTP: ``Pipeline.predict`` in this process, the floor;
@@ -45,7 +46,6 @@ from typing import Any
 
 import pandas as pd
 import requests
-import yaml
 
 from bench.processes import OWN_SESSION, free_port, local_env, start, stop_group
 from bench.report import DATA, add_run_options, markdown, median_seconds, scratch, write
@@ -81,14 +81,14 @@ TARGETS = {
     t.key: t
     for t in (
         Target("A", "A", "stageline (shipped defaults)"),
-        Target("A2", "A'", "stageline, one deployment per stage"),
+        Target("G", "G", "stageline, graph placement"),
         Target("B", "B", "naive Ray Serve"),
         Target("C", "C", "FastAPI/uvicorn, 2 workers"),
         Target("D", "D", "in-process floor"),
         Target("E", "E", "engine ceiling (no-op Ray Serve)"),
     )
 }
-RATIOS = (("A", "B"), ("A", "C"), ("A2", "C"), ("A", "E"))
+RATIOS = (("A", "B"), ("A", "C"), ("G", "A"), ("G", "C"), ("A", "E"))
 
 
 class TargetError(Exception):
@@ -98,36 +98,15 @@ class TargetError(Exception):
 # --------------------------------------------------------------------------- targets
 
 
-PER_STAGE_INGRESS = {"min_replicas": 1, "max_replicas": 1}
-"""The per-stage graph's ingress only validates and routes: one replica merges every
-concurrent request into one batch per trip through the stages. Two (the shipped fused
-default, where the ingress runs the stages) halve every batch and pay every hop twice:
-here 121 against 207 requests/s at 8 clients, p99 124 against 57 ms (both with
-``stage_calls: grpc``)."""
-
-
-def per_stage_spec(work: Path) -> Path:
-    """The shipped spec with every stage in a deployment of its own (nothing fused,
-    nothing inline) and one ingress replica, written to ``work``; everything else as
-    shipped."""
-    data = yaml.safe_load((ROOT / DEFAULT_SPEC).read_text())
-    serve = data.setdefault("serve", {})
-    serve.update({"fuse": [], "inline": []})
-    serve.setdefault("ingress", {})["autoscaling"] = PER_STAGE_INGRESS
-    path = work / "fraud-per-stage.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
 def command(key: str, port: int, home: Path, work: Path) -> list[str]:
     """How target ``key`` is started, from the project root."""
     py = sys.executable
-    if key in ("A", "A2"):
+    if key in ("A", "G"):
         # A free metrics port, not the default 8080: a server already running on this
         # machine must not make the benchmark fail. Ray exports metrics either way.
         serve = [py, "-m", "stageline_cli", "serve", "--port", str(port), "--home", str(home),
                  "--metrics-port", str(free_port())]  # fmt: skip
-        return serve if key == "A" else [*serve, "--spec", str(per_stage_spec(work))]
+        return serve if key == "A" else [*serve, "--placement", "graph"]
     if key == "B":
         return [py, "-m", "bench.naive_serve", "--port", str(port), "--home", str(home)]
     if key == "C":
@@ -346,10 +325,12 @@ def summarize(
     p50 = {
         r["target"]: r["p50_ms"]
         for r in rows
-        if r["concurrency"] == 1 and r["target"] in ("A", "C") and r.get("requests")
+        if r["concurrency"] == 1 and r["target"] in ("A", "C", "G") and r.get("requests")
     }
-    if len(p50) == 2:
+    if "A" in p50 and "C" in p50:
         ratios["A/C p50 at concurrency 1 (the pass above)"] = p50["A"] / p50["C"]
+    if "A" in p50 and "G" in p50:
+        ratios["G/A p50 at concurrency 1"] = p50["G"] / p50["A"]
     medians = {
         key: statistics.median(r["p50_ms"] for r in idle or [] if r["target"] == key)
         for key in ("A", "C")

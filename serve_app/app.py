@@ -20,6 +20,7 @@ from typing import Any, cast
 from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application, Deployment
 
+from serve_app import autoscaling
 from serve_app.deployment import StageDeployment
 from serve_app.http import RETRY_AFTER_S, ApiKey
 from serve_app.ingress import Ingress
@@ -28,7 +29,15 @@ from serve_app.router import admission_limit
 from stageline.context import resolve_home
 from stageline.registry import parse_model_ref
 from stageline.service import UserConfig
-from stageline.spec import PipelineSpec, Segment, StageServeSpec, load_spec, resolve_class
+from stageline.spec import (
+    AutoscalingSpec,
+    PipelineSpec,
+    Placement,
+    Segment,
+    StageServeSpec,
+    load_spec,
+    resolve_class,
+)
 from stageline.stage import Reloadable
 
 INGRESS = "ingress"
@@ -92,6 +101,9 @@ class AppArgs(BaseModel):
     online: str | None = Field(default=None, examples=["memory", "redis://redis:6379/0"])
     """Online feature store in place of the spec's ``features.online``: ``memory`` or a
     ``redis://`` URL (password from ``$STAGELINE_REDIS_PASSWORD``)."""
+    placement: Placement | None = None
+    """``local`` (every stage inside the ingress replicas) or ``graph`` (each stage an
+    autoscaling deployment of its own), in place of the spec's ``serve.placement``."""
 
 
 def build_app(args: AppArgs) -> Application:
@@ -99,6 +111,7 @@ def build_app(args: AppArgs) -> Application:
     spec = load_spec(args.spec)
     if args.online:
         spec = spec.with_online(args.online)
+    spec = spec.with_placement(args.placement or spec.serve.placement)
     home = str(resolve_home(args.home))
     version = code_version(spec, home, args)
     handles = [
@@ -115,7 +128,9 @@ def build_app(args: AppArgs) -> Application:
     configured = cast(Deployment, Ingress).options(
         name=INGRESS,
         ray_actor_options={"num_cpus": ingress.num_cpus},
-        autoscaling_config=_autoscaling(ingress.autoscaling, ingress.max_ongoing_requests),
+        autoscaling_config=_autoscaling(
+            ingress.autoscaling, ingress.max_ongoing_requests, busy=False
+        ),
         max_ongoing_requests=max_ongoing,
         max_queued_requests=max_queued,
         # Model stages placed inline reload in the ingress replica.
@@ -170,7 +185,9 @@ def deployment(spec: PipelineSpec, segment: Segment, home: str, model: str | Non
     return cast(Deployment, StageDeployment).options(
         name=segment.name,
         ray_actor_options={"num_cpus": options.num_cpus},
-        autoscaling_config=_autoscaling(options.autoscaling, options.max_ongoing_requests),
+        autoscaling_config=_autoscaling(
+            options.autoscaling, options.max_ongoing_requests, busy=True
+        ),
         max_ongoing_requests=options.max_ongoing_requests,
         max_queued_requests=options.max_queued_requests,
         user_config=user_config(spec, segment.stages, model),
@@ -205,12 +222,18 @@ def _logging(spec: PipelineSpec) -> dict[str, Any]:
     return {"enable_access_log": spec.serve.access_log}
 
 
-def _autoscaling(options: Any, max_ongoing: int) -> dict[str, Any]:
-    return {
+def _autoscaling(options: AutoscalingSpec, max_ongoing: int, *, busy: bool) -> dict[str, Any]:
+    """Serve's ``autoscaling_config``; with ``busy``, on the replicas' busy time
+    (:mod:`serve_app.autoscaling`: stage deployments), else on requests in flight."""
+    config: dict[str, Any] = {
         "min_replicas": options.min_replicas,
         "initial_replicas": max(options.min_replicas, 1),
         "max_replicas": options.max_replicas,
         "target_ongoing_requests": min(options.target_ongoing_requests, max_ongoing),
         "upscale_delay_s": options.upscale_delay_s,
         "downscale_delay_s": options.downscale_delay_s,
+        "look_back_period_s": options.look_back_s,
     }
+    if busy:
+        config["policy"] = autoscaling.policy(options.target_busy)
+    return config

@@ -22,12 +22,14 @@ import pandas as pd
 from ray import serve
 from ray.serve import metrics
 
+from serve_app.autoscaling import BUSY
 from serve_app.ray_internals import keep_grpc_on_loopback
 from stageline.batching import Merger
 from stageline.pipeline import StageChain
 from stageline.service import UserConfig, off_loop
 from stageline.spec import PipelineSpec
 from stageline.stage import StageStatus, error_mask, rejections
+from stageline.utilization import BusyMeter
 
 log = logging.getLogger("ray.serve")
 
@@ -84,6 +86,9 @@ class MeteredChain:
     def __init__(self, spec: PipelineSpec, stages: list[str], home: str) -> None:
         self.segment = "+".join(stages)
         self.chain = StageChain(spec, stages, Path(home))
+        # The load the deployment scales on (serve_app.autoscaling), over the period
+        # Serve averages it on.
+        self.busy = BusyMeter(spec.stage(stages[0]).serve.autoscaling.look_back_s)
         self.metrics = _metrics()
         self.batch_sizes: deque[int] = deque(maxlen=1000)
         self._models: list[tuple[float, dict[str, str]]] = []
@@ -91,7 +96,8 @@ class MeteredChain:
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         started = time.perf_counter()
-        out = self.chain(batch)
+        with self.busy:
+            out = self.chain(batch)
         m, tags = self.metrics, {"segment": self.segment}
         # Set per batch: a gauge set while the replica is still constructing is not exported.
         for version, model_tags in self._models:
@@ -163,6 +169,11 @@ class StageDeployment:
             merged.iloc[bounds[i] : bounds[i + 1]].set_axis(batches[i].index)
             for i in range(len(batches))
         ]
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """What Serve's autoscaler reads of this replica (``serve_app.autoscaling``): the
+        share of recent time it spent running its stages."""
+        return {BUSY: self.chain.busy.fraction()}
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Serve calls this on start and on every ``user_config`` change

@@ -86,11 +86,18 @@ def by_reference(handle: T, enabled: bool) -> T:
 
 # -- 4. Settings Ray reads from its environment --------------------------------------------
 
-SETTINGS = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+SETTINGS = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+}
 """Serve runs the app's code on each replica's own event loop (as Serve's
 ``RAY_SERVE_THROUGHPUT_OPTIMIZED`` mode does), not on a second loop in a thread of
 its own: one thread hop less each way per request. The app never blocks its loop
-(stages run in worker threads), which is what the second loop guards against."""
+(stages run in worker threads), which is what the second loop guards against.
+
+Replicas report their load to the autoscaler every second, not every 10 s: a stage
+deployment scales on how busy it was over ``autoscaling.look_back_s`` (15 s by
+default), and a report every 10 s would leave the autoscaler one or two samples of it."""
 
 HAPROXY_MODE = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
 """Serve's HAProxy mode: HAProxy takes HTTP straight to the ingress replicas, each

@@ -52,7 +52,9 @@ from stageline.spec_runtime import (
     AutoscalingSpec,
     BatchAppSpec,
     BatchingSpec,
+    GraphSpec,
     IngressSpec,
+    Placement,
     ServeAppSpec,
     StageBatchSpec,
     StageServeSpec,
@@ -71,12 +73,14 @@ __all__ = [
     "FeatureViewSpec",
     "FieldSpec",
     "FieldType",
+    "GraphSpec",
     "IngressSpec",
     "MemoryStoreSpec",
     "OnlineStoreSpec",
     "OutputSpec",
     "OutputType",
     "PipelineSpec",
+    "Placement",
     "RedisStoreSpec",
     "RequestSchema",
     "Segment",
@@ -185,16 +189,20 @@ class PipelineSpec(SpecModel):
         seen = _check_fuse("serve", self.serve.fuse, names)
         if self.batch.fuse != "all":
             _check_fuse("batch", self.batch.fuse, names)
-        for i, name in enumerate(self.serve.inline or ()):
-            if name not in order:
-                raise LocatedError(
-                    ("serve", "inline", i), f"serve.inline names unknown stage {name!r}"
-                )
-            if name in seen:
-                raise LocatedError(
-                    ("serve", "inline", i),
-                    f"stage {name!r} is both fused and inline: pick one placement",
-                )
+        for where, inline in (
+            (("serve", "inline"), self.serve.inline or ()),
+            (("serve", "graph", "inline"), self.serve.graph.inline),
+        ):
+            for i, name in enumerate(inline):
+                if name not in order:
+                    raise LocatedError(
+                        (*where, i), f"{'.'.join(where)} names unknown stage {name!r}"
+                    )
+                if name in seen:
+                    raise LocatedError(
+                        (*where, i),
+                        f"stage {name!r} is both fused and inline: pick one placement",
+                    )
         return self
 
     @property
@@ -234,6 +242,20 @@ class PipelineSpec(SpecModel):
         switched._base_dir = self._base_dir
         return switched
 
+    def with_placement(self, placement: Placement) -> PipelineSpec:
+        """This spec placed ``placement``: for ``graph``, the stages inline, the ingress's
+        autoscaling and its batches in flight from ``serve.graph``. What
+        ``--placement`` and the Serve ``args`` key do; the app is built from it."""
+        data = self.model_dump()
+        serve = data["serve"]
+        serve["placement"] = placement
+        if placement == "graph":
+            serve["ingress"]["autoscaling"] = serve["graph"]["ingress"]
+            serve["ingress"]["in_flight"] = serve["graph"]["in_flight"]
+        placed = PipelineSpec.model_validate(data)
+        placed._base_dir = self._base_dir
+        return placed
+
     def batch_segments(self) -> list[Segment]:
         """The actor pools of a batch run: the whole chain (``batch.fuse: all``), else
         one per fused group and one per remaining stage."""
@@ -246,7 +268,9 @@ class PipelineSpec(SpecModel):
         """Where the deployment boundaries fall: one segment per stage, a fused group,
         or a run of adjacent inline stages. Placement never changes what is computed."""
         inline = self.serve.inline
-        if inline is None:
+        if self.serve.placement == "graph":
+            inline = self.serve.graph.inline
+        elif inline is None:
             fused = {n for group in self.serve.fuse for n in group}
             inline = tuple(s.name for s in self.stages if s.name not in fused)
         return _fused_segments(self.stages, self.serve.fuse, inline)

@@ -26,6 +26,13 @@ class AutoscalingSpec(SpecModel):
     """How long the load must stay above the target before a replica is added."""
     downscale_delay_s: float = Field(default=30.0, ge=0)
     """How long the load must stay below the target before a replica is removed."""
+    target_busy: float = Field(default=0.7, gt=0, le=1)
+    """Stage deployments: the share of its time each replica spends running its stages
+    that Serve scales towards (a stage's load; requests in flight hide it behind the
+    ingress, which merges them). The ingress scales on ``target_ongoing_requests``."""
+    look_back_s: float = Field(default=15.0, gt=0)
+    """Over how many recent seconds the load is averaged (Serve asks for more than its
+    deprecated ``metrics_interval_s``, 10 s)."""
 
     @model_validator(mode="after")
     def _order(self) -> AutoscalingSpec:
@@ -112,16 +119,48 @@ class IngressSpec(SpecModel):
     Stages placed inline run one batch at a time anyway."""
 
 
+Placement = Literal["local", "graph"]
+"""Where the stages run online: ``local`` inside the ingress replicas, ``graph`` each in
+an autoscaling deployment of its own."""
+
+
+class GraphSpec(SpecModel):
+    """The ``graph`` placement's own options: the ingress only routes, so it needs fewer
+    replicas, and it keeps several batches going down the graph at once so that every
+    stage deployment has work to scale on."""
+
+    ingress: AutoscalingSpec = AutoscalingSpec(
+        min_replicas=1, max_replicas=2, target_ongoing_requests=32
+    )
+    """The ingress's autoscaling in the graph (in place of ``serve.ingress.autoscaling``)."""
+    in_flight: int = Field(default=4, ge=1)
+    """Batches one ingress replica has going down the graph at once (in place of
+    ``serve.ingress.in_flight``): while one is in the model stage, the next is in the
+    feature stage."""
+    inline: tuple[str, ...] = ()
+    """Stages that run inside the ingress replicas in the graph too (in place of
+    ``serve.inline``): stages too cheap to be worth a hop of their own. They scale with
+    the ingress. Default: none, every stage a deployment of its own."""
+
+
 class ServeAppSpec(SpecModel):
     """Options of the online application as a whole."""
 
+    placement: Placement = "local"
+    """``local``: the stages in ``inline`` run inside the ingress replicas, on one frame
+    per batch of concurrent requests (the fastest on one machine). ``graph``: every
+    stage, or ``fuse`` group, is an autoscaling deployment of its own, scaling on how
+    busy it is, behind an ingress that only routes (a cluster's shape; ``graph:`` holds
+    its options). ``stageline serve --placement`` and the Serve ``args`` key
+    ``placement`` choose one without editing the spec."""
     fuse: tuple[tuple[str, ...], ...] = ()
     """Groups of adjacent stages that share one deployment (fewer hops)."""
     inline: tuple[str, ...] | None = None
-    """Stages run inside the ingress replica itself: no hop at all. Default: every stage
-    not in a ``fuse`` group, the fastest placement on one machine. ``[]`` gives each
-    stage (or fused group) an autoscaling deployment of its own: the graph a cluster
-    scales stage by stage."""
+    """``local`` placement: stages run inside the ingress replica itself, no hop at all.
+    Default: every stage not in a ``fuse`` group. The ``graph`` placement runs
+    ``graph.inline`` inline instead."""
+    graph: GraphSpec = GraphSpec()
+    """Options of the ``graph`` placement."""
     max_records: int = Field(default=1000, ge=1)
     """Most records one request may carry."""
     max_body_bytes: int = Field(default=1_048_576, ge=1024)

@@ -33,6 +33,13 @@ def add_serve(add: AddCommand) -> None:
     spec_option(srv)
     srv.add_argument("--host", default="127.0.0.1", help="HTTP host (default: %(default)s)")
     srv.add_argument("--port", type=positive, default=8000, help="HTTP port (default: %(default)s)")
+    srv.add_argument(
+        "--placement",
+        choices=("local", "graph"),
+        help="local: every stage inside the ingress replicas (the fastest on one machine); "
+        "graph: each stage an autoscaling deployment of its own (a cluster); "
+        "default: the spec's serve.placement (local)",
+    )
     srv.add_argument("--model", help="serve this model, e.g. fraud@challenger or fraud@2")
     srv.add_argument(
         "--api-key-file", help="require the API key in this file (or set $STAGELINE_API_KEY)"
@@ -99,6 +106,7 @@ def _app_args(args: argparse.Namespace, home: Path) -> AppArgs:
         model=args.model,
         api_key_file=args.api_key_file,
         online=args.online,
+        placement=args.placement,
     )
 
 

@@ -24,6 +24,7 @@ import pytest
 import requests
 import yaml
 
+from serve_app.ray_internals import SETTINGS as SERVE_SETTINGS
 from stageline.demo.train import DemoResult
 from stageline_cli import main
 from tests.conftest import FRAUD_SPEC, ROOT, RedisServer
@@ -41,6 +42,7 @@ class Cluster:
     def __init__(self, ray: LocalCluster, home: Path, online: str, workdir: Path) -> None:
         self.ray, self.home, self.online, self.workdir = ray, home, online, workdir
         self._url: str | None = None
+        self._port = 0
 
     def api(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         """The dashboard's REST API (Jobs, Serve, State), with the cluster's token."""
@@ -116,11 +118,30 @@ class Cluster:
             for name, d in app["deployments"].items()
         }
 
+    def deploy_beside(self, extra: dict[str, Any] | None) -> None:
+        """Deploy ``extra`` (one application of a Serve config) beside the demo app, or
+        with None take it away again: ``serve deploy`` replaces every app of a cluster,
+        so the config always holds the demo app, unchanged (Serve leaves it running)."""
+        assert self._url is not None or self.url
+        self._serve_deploy([] if extra is None else [extra])
+
+    def app_replicas(self, app: str) -> dict[str, int]:
+        """RUNNING replicas of each deployment of ``app``."""
+        found = self.api("GET", "/api/serve/applications/").json()["applications"][app]
+        return {
+            name: sum(r["state"] == "RUNNING" for r in d["replicas"])
+            for name, d in found["deployments"].items()
+        }
+
     def _deploy(self) -> str:
+        self._port = free_port()
+        self._serve_deploy([])
+        return f"http://127.0.0.1:{self._port}"
+
+    def _serve_deploy(self, extra: list[dict[str, Any]]) -> None:
         # cluster/serve.yaml as shipped; only this machine's paths and a free port differ.
         config = yaml.safe_load((ROOT / "cluster" / "serve.yaml").read_text())
-        port = free_port()
-        config["http_options"]["port"] = port
+        config["http_options"]["port"] = self._port
         (app,) = config["applications"]
         app["args"] = {
             **app["args"],
@@ -128,6 +149,7 @@ class Cluster:
             "home": str(self.home),
             "online": self.online,
         }
+        config["applications"] += extra
         path = self.workdir / "serve.yaml"
         path.write_text(yaml.safe_dump(config))
         deploy = subprocess.run(
@@ -135,14 +157,16 @@ class Cluster:
             env=self.ray.env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+        names = {a["name"] for a in config["applications"]}
 
         def running() -> bool:
-            app = self.api("GET", "/api/serve/applications/").json()["applications"].get("fraud")
-            assert app is None or app["status"] != "DEPLOY_FAILED", app
-            return app is not None and app["status"] == "RUNNING"
+            apps = self.api("GET", "/api/serve/applications/").json()["applications"]
+            for name in names:
+                app = apps.get(name)
+                assert app is None or app["status"] != "DEPLOY_FAILED", app
+            return set(apps) == names and all(apps[n]["status"] == "RUNNING" for n in names)
 
-        wait_for(running, timeout=240, what="the app to run")
-        return f"http://127.0.0.1:{port}"
+        wait_for(running, timeout=240, what="the apps to run")
 
     # -- Jobs ---------------------------------------------------------------------
 
@@ -162,9 +186,24 @@ class Cluster:
         """(final status, logs) of the job."""
         deadline = time.monotonic() + timeout
         while (status := self.job_status(job_id)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
-            assert time.monotonic() < deadline, f"job {job_id} still {status}"
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"job {job_id} still {status}; its log ends:\n{self.job_logs(job_id)[-3000:]}"
+                    f"\nthe cluster:\n{self.status()}"
+                )
             time.sleep(1)
-        return status, str(self.api("GET", f"/api/jobs/{job_id}/logs").json()["logs"])
+        return status, self.job_logs(job_id)
+
+    def job_logs(self, job_id: str) -> str:
+        return str(self.api("GET", f"/api/jobs/{job_id}/logs").json()["logs"])
+
+    def status(self) -> str:
+        """``ray status``: each node's resources, what is used, what waits for them."""
+        done = subprocess.run(
+            ["ray", "status", f"--address={self.ray.address}"],
+            env=self.ray.env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        return done.stdout + done.stderr
 
     def batch_job(self, source: Path, output: Path, spec: Path = FRAUD_SPEC) -> str:
         """Run a batch job to its end; its logs (it must succeed)."""
@@ -180,7 +219,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 
 ray.init(address=sys.argv[1], logging_level="ERROR")
 held = 0.0
-for half_cpus in range(6, 0, -1):  # every CPU the head has free, in halves
+for half_cpus in range(8, 0, -1):  # every CPU the head has free, in halves
     group = placement_group([{"CPU": half_cpus / 2, "node:__internal_head__": 0.001}])
     if group.wait(timeout_seconds=2):
         held = half_cpus / 2
@@ -235,9 +274,17 @@ def _start(demo: DemoResult, redis: RedisServer, workdir: Path) -> Cluster:
         main(["materialize", "--spec", str(FRAUD_SPEC), "--home", str(home), "--online", online])
         == 0
     )
-    ray = LocalCluster(workdir / "ray")
+    # What `stageline serve` gives its Ray: the replicas report their load every second.
+    # A test cluster's nodes stop at once, without Ray's 30 s drain each.
+    ray = LocalCluster(
+        workdir / "ray",
+        env={**SERVE_SETTINGS, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"},
+    )
     try:
-        ray.start_head(num_cpus=3)
+        # Room on the head alone for the shipped graph at its minimum (1.75 CPUs), a
+        # batch job's actors and Ray Data's file listing (a whole CPU, not settable):
+        # what a test that loses the worker node runs on.
+        ray.start_head(num_cpus=4)
         wait_for(lambda: _answers(ray), timeout=120, what="the head node")
         cluster = Cluster(ray, home, online, workdir)
         cluster.ensure_worker()

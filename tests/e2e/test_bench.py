@@ -73,6 +73,21 @@ def test_hop_smoke(tmp_path: Path, bench_home: Path) -> None:
     assert all(r["sequential_s"] > 0 and r["calls_per_s"] > 0 for r in rows.values())
 
 
+def test_capacity_smoke(tmp_path: Path, bench_home: Path) -> None:
+    record = smoke("capacity", tmp_path, bench_home, timeout=300)
+    stages = ["validate", "features", "transform", "model", "postprocess"]
+    assert [r["stage"] for r in record["rows"]] == stages * 2, "each stage at 1 and 10 rows"
+    assert all(r["cpu_ms"] > 0 and r["calls"] >= 5 for r in record["rows"]), record["rows"]
+    fits, plan = record["summary"]["fits"], record["summary"]["plan"]
+    assert list(fits) == stages
+    assert all(f["fixed_ms"] >= 0 and f["per_row_ms"] >= 0 for f in fits.values()), fits
+    # 2000 requests/s need more than one replica of some stage, and at least one node.
+    assert list(plan["stages"]) == stages
+    assert max(s["replicas"] for s in plan["stages"].values()) > 1, plan
+    assert plan["nodes"] >= 1
+    assert plan["cpu_cores"] == pytest.approx(sum(s["cpu_cores"] for s in plan["stages"].values()))
+
+
 def test_batch_smoke(tmp_path: Path, bench_home: Path) -> None:
     record = smoke("batch", tmp_path, bench_home, timeout=300)
     rows = record["rows"]
@@ -96,7 +111,7 @@ def test_online_smoke(tmp_path: Path, bench_home: Path) -> None:
     record = smoke("online", tmp_path, bench_home, timeout=600)
     rows = record["rows"]
     assert {(r["target"], r["concurrency"]) for r in rows} == {
-        *((t, c) for t in ("A", "A'", "B", "C", "E") for c in (1, 8)),
+        *((t, c) for t in ("A", "G", "B", "C", "E") for c in (1, 8)),
         ("D", 1),
     }
     for row in rows:
@@ -106,7 +121,7 @@ def test_online_smoke(tmp_path: Path, bench_home: Path) -> None:
     turns = [(r["round"], r["target"]) for r in rows if "round" in r]
     assert turns == [(1, "A"), (1, "C")]  # the smoke's one round of A and C in turn
     summary = record["summary"]
-    assert set(summary["max_rps"]) == {"A", "A'", "B", "C", "D", "E"}
+    assert set(summary["max_rps"]) == {"A", "G", "B", "C", "D", "E"}
     assert set(summary["idle_p50_ms"]) == {"A", "C"}
     assert {
         "A/C p50 at concurrency 1 (the pass above)",
@@ -139,3 +154,26 @@ def test_soak_smoke(tmp_path: Path, bench_home: Path) -> None:
     }
     assert goals["0 errors"]["ok"], goals["0 errors"]
     assert (tmp_path / "soak.png").stat().st_size > 0
+
+
+@needs_wrk
+def test_scale_smoke(tmp_path: Path, bench_home: Path) -> None:
+    record = smoke("scale", tmp_path, bench_home, timeout=600)
+    assert record["rows"], "the load's windows"
+    summary = record["summary"]
+    steps = summary["steps"]
+    assert [(s["clients"], s["seconds"]) for s in steps] == [(1, 4), (8, 6), (1, 6)]
+    assert all(s["requests"] > 0 and s["errors"] == 0 for s in steps), steps
+    # The graph placement: every stage a deployment of its own, in the spec's ranges.
+    assert set(summary["bounds"]) == {"ingress", "features", "transform", "model", "postprocess"}
+    assert summary["bounds"]["model"] == {"min": 1, "max": 3}
+    sampled = [s for s in summary["samples"] if "deployments" in s]
+    assert len(sampled) >= 10, "replicas sampled every second through the load"
+    assert all(s["deployments"]["model"]["running"] >= 1 for s in sampled)
+    probed = [r for r in summary["busy_rounds"] if r["busy"]]
+    assert probed, "the stage deployments' busy shares were read"
+    assert {"features", "transform", "model", "postprocess"} == set(probed[-1]["busy"])
+    assert all(0 <= b["mean"] <= 1 for r in probed for b in r["busy"].values())
+    assert [e["direction"] for e in summary["events"]] == ["up", "down"]
+    assert summary["cluster"]["left_running"] == [], "the cluster is stopped"
+    assert (tmp_path / "scale.png").stat().st_size > 0

@@ -76,11 +76,38 @@ def test_overrides_name_deployments_that_build_app_creates(
     app = call_user_app_builder_with_args_if_necessary(builder, args)
     built = build_serve_app(app, name="config-check")
 
-    spec = load_spec(args["spec"])
+    spec = load_spec(args["spec"]).with_placement(args["placement"])
     expected = {s.name for s in spec.segments() if not s.inline} | {"ingress"}
     assert {d.name for d in built.deployments} == expected
     assert built.ingress_deployment_name == "ingress"
-    assert {d.name for d in app_config.deployments} <= expected
+    assert {d.name for d in app_config.deployments} == expected
+
+
+def test_the_config_ships_the_graph_and_every_deployment_autoscales(
+    app_config: ServeApplicationSchema,
+):
+    """What a cluster runs: every stage its own deployment, each with room to scale,
+    the stages on their busy time (an override replaces the spec's autoscaling whole,
+    so the policy must be in it), the ingress from one replica."""
+    from serve_app.autoscaling import POLICY
+
+    assert app_config.args["placement"] == "graph"
+    spec = load_spec(ROOT / app_config.args["spec"])
+    assert {d.name for d in app_config.deployments} == {"ingress", *(s.name for s in spec.stages)}
+    for deployment in app_config.deployments:
+        auto = override(app_config, deployment.name)["autoscaling_config"]
+        assert auto["min_replicas"] < auto["max_replicas"], deployment.name
+        policy = auto.get("policy", {}).get("policy_function")
+        if deployment.name == "ingress":
+            assert auto["min_replicas"] == 1
+            assert policy is None
+        else:
+            assert policy == POLICY, deployment.name
+    model = override(app_config, "model")["autoscaling_config"]["max_replicas"]
+    assert model == max(
+        override(app_config, d.name)["autoscaling_config"]["max_replicas"]
+        for d in app_config.deployments
+    )
 
 
 def deploy(app: Json) -> None:
@@ -256,7 +283,7 @@ def test_rayservice_workers_hold_every_stage_at_its_max_replicas(
     (cluster,) = cluster_specs(one("RayService"))
     assert cluster["enableInTreeAutoscaling"] is True
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
-    spec = load_spec(ROOT / app_config.args["spec"])
+    spec = load_spec(ROOT / app_config.args["spec"]).with_placement(app_config.args["placement"])
     built = {d.name: d for d in app_config.deployments}
     needed = 0.0
     for segment in [*spec.segments(), None]:

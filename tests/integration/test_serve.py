@@ -24,6 +24,7 @@ from ray import serve
 
 from serve_app import AppArgs, build_app
 from serve_app.app import deployment as stage_deployment
+from serve_app.autoscaling import POLICY
 from serve_app.router import admission_limit
 from stageline import Pipeline
 from stageline.pipeline import StageChain
@@ -77,7 +78,7 @@ from stageline.stages.model import XGBoostPredictor
 
 class SlowPredictor(XGBoostPredictor):
     def process(self, batch):
-        time.sleep(0.05)
+        time.sleep(0.1 * len(batch))
         return super().process(batch)
 '''
 
@@ -147,10 +148,19 @@ def test_one_running_deployment_per_stage_with_the_spec_autoscaling(
     deployed = load_spec(fraud_variant(tmp_path, serve=PLACEMENTS["per-stage"][0]))
     spec: dict[str, StageServeSpec | IngressSpec] = {s: deployed.stage(s).serve for s in STAGES}
     for deployment, options in {**spec, "ingress": deployed.serve.ingress}.items():
-        expected = options.autoscaling.model_dump()
+        scaling = options.autoscaling
+        expected = scaling.model_dump(exclude={"target_busy", "look_back_s"})
+        expected["look_back_period_s"] = scaling.look_back_s
         config = details[deployment].deployment_config
         autoscaling = cast(dict[str, Any], config.autoscaling_config)
         assert {k: autoscaling[k] for k in expected} == expected, deployment
+        # Stages scale on their busy time at the spec's target; the ingress on requests.
+        policy: dict[str, Any] = autoscaling.get("policy") or {}
+        if deployment == "ingress":
+            assert POLICY not in str(policy), policy
+        else:
+            assert policy["policy_function"] == POLICY, (deployment, policy)
+            assert policy["policy_kwargs"] == {"target": scaling.target_busy}, deployment
         assert config.ray_actor_options.num_cpus == options.num_cpus, deployment
         if deployment == "ingress":
             # The ingress turns requests away itself (our JSON 503) before Serve would.
@@ -234,12 +244,14 @@ def validated(spec: PipelineSpec, home: Path, frame: pd.DataFrame) -> pd.DataFra
 def test_model_stage_scales_up_under_load(
     serve_base: str, demo_home: Path, tmp_path: Path, good_record: Json
 ):
-    """A slow model stage at ``min_replicas: 1``, ``target_ongoing_requests: 1`` gets more
-    replicas under 16 concurrent clients, and no client sees an error meanwhile.
+    """A slow model stage at ``min_replicas: 1`` gets more replicas under 16 concurrent
+    clients, and no client sees an error meanwhile.
 
-    The ingress does not merge requests here (``ingress.batch: null``): merged, 16
-    clients are one call in flight at the model, which is the point of merging, but
-    then there is no load for the model stage to scale on.
+    Stages scale on their replicas' busy share (``target_busy``), not on requests in
+    flight: the slow model sleeps 0.1 s per row, so at a few requests a second it is busy
+    most of the time whatever the machine's speed, and ``target_busy: 0.3`` asks for a
+    second replica from 3 req/s. The ingress does not merge requests here
+    (``ingress.batch: null``), so the model sees them as they come.
 
     The request deadline is raised to 20 s: the claim is that scaling loses no request.
     On a slow shared machine, 16 clients queued behind one slow replica while another
@@ -260,7 +272,8 @@ def test_model_stage_scales_up_under_load(
                     "autoscaling": {
                         "min_replicas": 1,
                         "max_replicas": 3,
-                        "target_ongoing_requests": 1,
+                        "target_busy": 0.3,
+                        "look_back_s": 3,
                         "upscale_delay_s": 0,
                     },
                     "batch": {"max_size": 64, "wait_ms": 2},

@@ -501,3 +501,50 @@ def test_online_placement_defaults_to_every_stage_inline_and_empty_inline_is_the
     data["serve"] = {"inline": []}
     graph = load_spec(_write(tmp_path, data))
     assert [(s.stages, s.inline) for s in graph.segments()] == [((n,), False) for n in everything]
+
+
+def test_graph_placement_runs_no_stage_inline_and_takes_its_ingress_options() -> None:
+    local = load_spec(FRAUD_SPEC)
+    assert local.serve.placement == "local"
+    graph = local.with_placement("graph")
+
+    assert [(s.stages, s.inline) for s in graph.segments()] == [
+        ((n,), False) for n in ("features", "transform", "model", "postprocess")
+    ]
+    # The ingress only routes in the graph: it autoscales from one replica and keeps
+    # several batches going down the graph, as serve.graph says.
+    assert graph.serve.ingress.autoscaling == local.serve.graph.ingress
+    assert graph.serve.ingress.autoscaling.min_replicas == 1
+    assert graph.serve.ingress.autoscaling.max_replicas > 1
+    assert graph.serve.ingress.in_flight == local.serve.graph.in_flight > 1
+    # Everything else is the spec's own; placed back, every stage runs inline again.
+    assert graph.serve.ingress.batch == local.serve.ingress.batch
+    assert graph.base_dir == local.base_dir
+    back = graph.with_placement("local")
+    assert back.segments() == local.segments()
+    assert graph.with_placement("graph") == graph
+
+
+def test_graph_inline_keeps_cheap_stages_in_the_ingress_and_refuses_unknown_or_fused(
+    tmp_path: Path,
+) -> None:
+    data = yaml.safe_load(FRAUD_SPEC.read_text())
+    data["serve"]["graph"] = {"inline": ["transform", "postprocess"]}
+    graph = load_spec(_write(tmp_path, data)).with_placement("graph")
+    # transform follows features' deployment inside the ingress; postprocess too.
+    assert [(s.stages, s.inline) for s in graph.segments()] == [
+        (("features",), False),
+        (("transform",), True),
+        (("model",), False),
+        (("postprocess",), True),
+    ]
+    # The local placement ignores it.
+    assert all(s.inline for s in graph.with_placement("local").segments())
+
+    data["serve"]["graph"] = {"inline": ["ghost"]}
+    with pytest.raises(SpecError, match=r"serve\.graph\.inline names unknown stage 'ghost'"):
+        load_spec(_write(tmp_path, data))
+    data["serve"]["graph"] = {"inline": ["model"]}
+    data["serve"]["fuse"] = [["transform", "model"]]
+    with pytest.raises(SpecError, match="both fused and inline"):
+        load_spec(_write(tmp_path, data))
