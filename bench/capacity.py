@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 from bench.heavy import register_heavy_model
-from bench.online import HOME, demo_request
+from bench.online import HOME, copies, demo_request
 from bench.report import add_run_options, markdown, write
 from stageline.pipeline import StageChain
 from stageline.registry.metadata import parse_model_ref
@@ -57,12 +57,7 @@ SECONDS = 1.0
 
 def frame_of(record: dict[str, Any], rows: int) -> pd.DataFrame:
     """``rows`` copies of ``record``, each its own transaction id."""
-    return pd.DataFrame.from_records(
-        [
-            {**record, "transaction_id": f"{record.get('transaction_id', 't')}-{i}"}
-            for i in range(rows)
-        ]
-    )
+    return pd.DataFrame.from_records(copies(record, rows))
 
 
 def measure(chain: StageChain, frame: pd.DataFrame, seconds: float) -> list[dict[str, Any]]:

@@ -450,6 +450,13 @@ def demo_request(home: Path) -> tuple[PipelineSpec, dict[str, Any], str]:
     return spec, record, json.dumps({"records": [record]}, default=str)
 
 
+def copies(record: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """``n`` copies of ``record``, each its own transaction id: a request (or a frame)
+    of many records from the demo's one."""
+    base = record.get("transaction_id", "t")
+    return [{**record, "transaction_id": f"{base}-{i}"} for i in range(n)]
+
+
 def wrk_version() -> str:
     out = subprocess.run(["wrk", "-v"], capture_output=True, text=True)
     return (out.stdout + out.stderr).split(" Copyright")[0].strip()

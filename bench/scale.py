@@ -81,6 +81,7 @@ from bench.online import (
     LUA,
     WRK_TIMEOUT,
     TargetError,
+    copies,
     demo_request,
     errors,
     tail,
@@ -161,9 +162,7 @@ class Plan:
 def request_body(record: dict[str, Any], records: int) -> str:
     """A ``POST /predict`` body of ``records`` copies of ``record``, each its own
     transaction id."""
-    batch = [{**record, "transaction_id": f"{record.get('transaction_id', 't')}-{i}"}
-             for i in range(records)]  # fmt: skip
-    return json.dumps({"records": batch}, default=str)
+    return json.dumps({"records": copies(record, records)}, default=str)
 
 
 def parse_steps(text: str) -> tuple[Step, ...]:
