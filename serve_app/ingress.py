@@ -31,7 +31,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from serve_app.deployment import MeteredChain, freeze_heap
 from serve_app.http import AT_CAPACITY, ApiKey
-from serve_app.ray_internals import by_reference, keep_grpc_on_loopback
+from serve_app.ray_internals import by_reference, keep_grpc_on_loopback, send_each_response_whole
 from serve_app.router import make_router
 from stageline.outputs import OutputContract, Record, check_outputs_provided
 from stageline.pipeline import StageChain
@@ -180,6 +180,7 @@ class Ingress:
         handles: Sequence[DeploymentHandle[Any]],
     ) -> None:
         keep_grpc_on_loopback()
+        send_each_response_whole()
         self.service = ScoringService(spec, placement_runner(spec, home, handles))
         self.api_key = api_key
         self.api_key.load()

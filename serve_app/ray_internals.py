@@ -12,6 +12,8 @@ checks each against the installed Ray and, when one breaks, names it:
    environment (``ray/serve/_private/constants.py``) and documents nowhere.
 5. :data:`HAPROXY_WRAPPER`: a script that edits the HAProxy config Ray generates
    (``ray/serve/_private/haproxy_templates.py``), relying on lines of that template.
+6. :func:`send_each_response_whole`: a patch of uvicorn's request cycle, the HTTP
+   server Serve runs in a replica for HAProxy.
 
 Everything else in ``serve_app`` uses Ray's public API only.
 """
@@ -206,3 +208,91 @@ exec {binary} "$@"
 """
 """The program Serve starts as HAProxy; ``{binary}``, ``{defaults}`` and ``{frontend}``
 are filled in by ``serve_app.haproxy.serve_env``."""
+
+
+# -- 6. The replica's HTTP server ----------------------------------------------------------
+
+RESPONSE_CYCLES = (
+    "uvicorn.protocols.http.httptools_impl.RequestResponseCycle",
+    "uvicorn.protocols.http.h11_impl.RequestResponseCycle",
+)
+"""What :func:`send_each_response_whole` patches: the uvicorn request cycles Serve's
+replicas answer HTTP with (HAProxy mode's direct ingress), whichever uvicorn picks."""
+
+
+class _HeldWrites:
+    """A response's transport from its status line until its body: what is written is
+    held, then sent as one write (:meth:`release`). Everything else is the transport's."""
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        self.held: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.held.append(bytes(data))
+
+    def release(self) -> None:
+        if self.held:
+            self.transport.write(b"".join(self.held))
+            self.held.clear()
+
+    def close(self) -> None:
+        self.release()
+        self.transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
+def send_each_response_whole() -> None:
+    """Make this replica's HTTP server send a response's status line and headers in the
+    same write as its (first) body: uvicorn writes them apart, one socket write each.
+
+    Apart, a replica that dies between the two (SIGKILL, the OOM killer; on a busy
+    machine the writer is often descheduled right after the first write wakes HAProxy)
+    leaves HAProxy holding the headers of an answer with no body. HAProxy has already
+    passed them on, so it cannot retry the request on another replica: the client sees
+    a truncated response. Whole, a response either reached HAProxy or never started, and
+    a request whose replica died without an answer is retried (``serve_app.haproxy``).
+    A response that starts and then fails before its body closes the connection with
+    nothing sent, which HAProxy retries too. Called by the ingress's constructor, in the
+    replica's process, before it serves."""
+    import importlib
+
+    for path in RESPONSE_CYCLES:
+        module_name, _, name = path.rpartition(".")
+        try:
+            cycle = getattr(importlib.import_module(module_name), name)
+        except ImportError:  # that parser is not installed: uvicorn does not use it
+            continue
+        original = cycle.send
+        if getattr(original, "_stageline_whole", False):
+            continue
+        cycle.send = _whole(original)
+
+
+def _whole(original: Any) -> Any:
+    async def send(self: Any, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start" and not self.response_started:
+            start = _HeldWrites(self.transport)
+            self.transport = start
+            try:
+                await original(self, message)
+            finally:
+                self.transport = start.transport
+            self._stageline_held = start
+            return
+        held: _HeldWrites | None = getattr(self, "_stageline_held", None)
+        if held is None or message["type"] != "http.response.body":
+            await original(self, message)
+            return
+        self._stageline_held = None
+        self.transport = held
+        try:
+            await original(self, message)
+        finally:
+            self.transport = held.transport
+            held.release()
+
+    send._stageline_whole = True  # type: ignore[attr-defined]
+    return send
