@@ -146,6 +146,8 @@ def serving(target: Target, body: str, home: Path, work: Path, log_name: str) ->
     print(f"{target.label}: {target.name}: starting", flush=True)
     process = start(argv, log, local_env(STAGELINE_HOME=str(home)), ROOT)
     facts: dict[str, Any] = {"command": " ".join(argv), "log": str(log)}
+    if "--metrics-port" in argv:  # where Ray exports its Prometheus metrics (bench.hops)
+        facts["metrics_port"] = int(argv[argv.index("--metrics-port") + 1])
     server = Server(f"http://127.0.0.1:{port}/predict", process, log, facts)
     try:
         facts["ready_s"] = wait_ready(server.url, body, process, log, READY_TIMEOUT_S)

@@ -177,3 +177,20 @@ def test_scale_smoke(tmp_path: Path, bench_home: Path) -> None:
     assert [e["direction"] for e in summary["events"]] == ["up", "down"]
     assert summary["cluster"]["left_running"] == [], "the cluster is stopped"
     assert (tmp_path / "scale.png").stat().st_size > 0
+
+
+def test_hops_smoke(tmp_path: Path, bench_home: Path) -> None:
+    """The graph's time split by what each part measured: every stage deployment and the
+    ingress counted the requests, and no part's time is negative or missing."""
+    record = smoke("hops", tmp_path, bench_home, timeout=400)
+    rows = {r["part"]: r for r in record["rows"]}
+    assert list(rows) == ["features", "transform", "model", "postprocess", "ingress"], rows
+    for part, r in rows.items():
+        assert r["in_process_ms"] > 0, (part, r)
+        assert r["replica_ms"] > 0, (part, r)
+        if part != "ingress":
+            # Serve's time on a call covers the stage's work in it.
+            assert 0 < r["work_ms"] <= r["replica_ms"], (part, r)
+    # The ingress's time covers its stage deployments' calls.
+    assert rows["ingress"]["around_ms"] > 0, rows["ingress"]
+    assert record["summary"]["client_p50_ms"] > 0
