@@ -37,6 +37,7 @@ async def slow_body(scope: dict[str, Any], receive: Any, send: Any) -> None:
 def server(request: pytest.FixtureRequest) -> Iterator[int]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
+    sock.listen(16)  # a client may connect before the server runs: it waits in the backlog
     config = uvicorn.Config(
         slow_body, http=request.param, lifespan="off", log_level="critical", access_log=False
     )
