@@ -1,8 +1,9 @@
 """Every place the online app depends on Ray Serve's internals, labelled.
 
 Ray offers no supported way to do these; each is a bet on how Ray 2.60 works inside,
-and the reason ``ray`` is pinned below 2.61. ``tests/unit/test_ray_internals.py``
-checks each against the installed Ray and, when one breaks, names it:
+and the reason ``ray`` is pinned below 2.61. ``tests/integration/test_ray_internals.py``
+checks each against the installed Ray and, when one breaks, names it (the sixth,
+against the installed uvicorn: ``tests/unit/test_whole_response.py``):
 
 1. :func:`keep_grpc_on_loopback`: a patch of ``ray.serve._private.replica``.
 2. :func:`versioned`: the private ``_internal`` flag that lets an application set a
@@ -272,6 +273,10 @@ def send_each_response_whole() -> None:
 
 
 def _whole(original: Any) -> Any:
+    """uvicorn's ``send`` of one request cycle, its status line held back until the
+    body goes (:class:`_HeldWrites`). A body that fails to go (uvicorn refuses it)
+    sends nothing: the connection closes with no answer, which HAProxy retries."""
+
     async def send(self: Any, message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start" and not self.response_started:
             start = _HeldWrites(self.transport)
@@ -292,7 +297,7 @@ def _whole(original: Any) -> Any:
             await original(self, message)
         finally:
             self.transport = held.transport
-            held.release()
+        held.release()
 
     send._stageline_whole = True  # type: ignore[attr-defined]
     return send
