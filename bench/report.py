@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -19,6 +20,13 @@ RESULTS = Path(__file__).parent / "results"
 DATA = Path(__file__).parent / ".data"
 """Inputs and work files of the default runs, reused by later runs (gitignored)."""
 PACKAGES = ("ray", "xgboost", "pandas", "pyarrow", "numpy", "pydantic")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def portable(text: str) -> str:
+    """``text`` without this machine's paths: the repository's own relative to its
+    root, this Python as ``python``. Results are committed and read elsewhere."""
+    return text.replace(sys.executable, "python").replace(f"{ROOT}/", "").replace(str(ROOT), ".")
 
 
 def machine() -> dict[str, Any]:
@@ -100,12 +108,14 @@ def write(
     record = {"benchmark": name, "at": when, "machine": m, "config": config, "rows": rows}
     if summary is not None:
         record["summary"] = summary
-    (results / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    (results / f"{name}.json").write_text(portable(json.dumps(record, indent=1)) + "\n")
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
     md = results / f"{name}.md"
     md.write_text(
-        f"# {name}\n\n{m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}; "
-        f"{versions}. Run {when}.\n\nConfiguration: `{json.dumps(config)}`\n\n{table}\n"
+        portable(
+            f"# {name}\n\n{m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}; "
+            f"{versions}. Run {when}.\n\nConfiguration: `{json.dumps(config)}`\n\n{table}\n"
+        )
     )
     print(md.read_text(), flush=True)
     return md
