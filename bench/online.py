@@ -20,9 +20,9 @@ answers 200, measured, stopped, one at a time:
 At each concurrency (= wrk connections, one wrk thread), a warm-up whose result is
 discarded, then the measure: p50 and p99 latency, requests per second, errors
 (connect, read, write, HTTP status >= 400, timeouts past 2 s). A target's max RPS is
-the best rate with p99 <= 100 ms and no errors. Then A and C again at 1 client,
-each started afresh, taking turns for ``--rounds`` rounds: the median of each is
-their latency comparison (:func:`idle_rounds`). The home defaults to
+the best rate with p99 <= 100 ms and no errors. Then A, G and C again at 1 client
+(those of them in the run), each started afresh, taking turns for ``--rounds``
+rounds: the median of each is their latency comparison (:func:`idle_rounds`). The home defaults to
 ``bench/.data/home`` (the demo is built there on first use).
 """
 
@@ -38,7 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +88,8 @@ TARGETS = {
         Target("E", "E", "engine ceiling (no-op Ray Serve)"),
     )
 }
+ROUND_KEYS = ("A", "G", "C")
+"""The targets taken in turn at one client (those of them measured in the run)."""
 RATIOS = (("A", "B"), ("A", "C"), ("G", "A"), ("G", "C"), ("A", "E"))
 
 
@@ -252,17 +254,24 @@ def measure_server(
 
 
 def idle_rounds(
-    rounds: int, seconds: float, warmup: float, body: str, home: Path, work: Path
+    keys: Sequence[str],
+    rounds: int,
+    seconds: float,
+    warmup: float,
+    body: str,
+    home: Path,
+    work: Path,
 ) -> list[dict[str, Any]]:
-    """A and C at one client, each started afresh, in turn, ``rounds`` times.
+    """The targets ``keys`` (A and C, and G when measured) at one client, each started
+    afresh, in turn, ``rounds`` times.
 
     Latency at one client is what this shared machine's load moves most: a target
     measured a few minutes after another can be 20% faster or slower for no reason of
-    its own. Taking turns puts both in the same minutes; the median of each over the
+    its own. Taking turns puts them in the same minutes; the median of each over the
     rounds is their comparison."""
     rows: list[dict[str, Any]] = []
     for n in range(1, rounds + 1):
-        for key in ("A", "C"):
+        for key in keys:
             target = TARGETS[key]
             print(f"1-client round {n}/{rounds}:", end=" ", flush=True)
             measured, _ = measure_server(
@@ -335,13 +344,17 @@ def summarize(
         ratios["G/A p50 at concurrency 1"] = p50["G"] / p50["A"]
     medians = {
         key: statistics.median(r["p50_ms"] for r in idle or [] if r["target"] == key)
-        for key in ("A", "C")
+        for key in ROUND_KEYS
         if any(r["target"] == key for r in idle or [])
     }
-    if len(medians) == 2:
-        rounds = max(r["round"] for r in idle or [])
+    if idle:
+        rounds = max(r["round"] for r in idle)
         turns = f"{rounds} alternating rounds" if rounds > 1 else "1 round"
-        ratios[f"A/C p50 at concurrency 1 (median of {turns})"] = medians["A"] / medians["C"]
+        for top, bottom in (("A", "C"), ("G", "A")):
+            if top in medians and bottom in medians:
+                ratios[f"{top}/{bottom} p50 at concurrency 1 (median of {turns})"] = (
+                    medians[top] / medians[bottom]
+                )
     return {"max_rps": best, "ratios": ratios, "targets": facts, "idle_p50_ms": medians}
 
 
@@ -389,7 +402,8 @@ def tables(
         turns = [[r["round"], r["target"], ms(r, "p50_ms"), ms(r, "p99_ms"),
                   f"{r['rps']:,.0f}", error_text(r)] for r in idle]  # fmt: skip
         parts.append(
-            "A and C at 1 client, each started afresh, taking turns:\n\n"
+            f"{' and '.join(dict.fromkeys(r['target'] for r in idle))} at 1 client, "
+            "each started afresh, taking turns:\n\n"
             + markdown(["round", "target", "p50 ms", "p99 ms", "RPS", "errors"], turns)
         )
     parts.append(markdown(["ratio", "value"], ratios))
@@ -475,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds",
         type=int,
         default=IDLE_ROUNDS,
-        help=f"rounds of A and C in turn at 1 client ({IDLE_ROUNDS}; 0: none)",
+        help=f"rounds of A, G and C in turn at 1 client ({IDLE_ROUNDS}; 0: none)",
     )
     add_run_options(parser)
     args = parser.parse_args(argv)
@@ -510,8 +524,9 @@ def main(argv: list[str] | None = None) -> int:
     idle: list[dict[str, Any]] = []
     keys = {t.key for t in targets}
     if args.rounds > 0 and {"A", "C"} <= keys and not any("failed" in f for f in facts.values()):
+        in_turn = [k for k in ROUND_KEYS if k in keys]
         try:
-            idle = idle_rounds(args.rounds, args.duration, args.warmup, body, home, work)
+            idle = idle_rounds(in_turn, args.rounds, args.duration, args.warmup, body, home, work)
         except TargetError as e:
             print(f"1-client rounds: failed: {e}", file=sys.stderr, flush=True)
             facts["1-client rounds"] = {"failed": str(e)}
