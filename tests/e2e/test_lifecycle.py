@@ -117,21 +117,35 @@ def bindable(port: int) -> bool:
 
 
 def refused(a: Attempt) -> bool:
-    """No connection at all, so nothing was sent: the server had stopped listening
-    (refused), or closed its listener while this connection still waited in the
-    kernel's accept queue (the kernel resets those; the client's connect fails with
-    ECONNRESET before it writes a byte, as any listener's close may do)."""
-    return a.status == 0 and ("Connection refused" in a.body or reset_at_connect(a))
+    """No connection at all: the server had stopped listening."""
+    return a.status == 0 and "Connection refused" in a.body
 
 
-def reset_at_connect(a: Attempt) -> bool:
-    """The connection reset while it was being made, before the request was sent."""
-    return "Failed to establish a new connection" in a.body and "Connection reset by" in a.body
+def reset(a: Attempt) -> bool:
+    """The connection was reset and nothing of an answer came."""
+    return a.status == 0 and "Connection reset by peer" in a.body
+
+
+LISTENER_CLOSE_S = 0.25
+"""How far apart the resets of one listener's close may be seen by the clients' threads."""
+
+
+def one_listener_close(resets: list[Attempt], signalled: float) -> bool:
+    """Resets that a listener closing made, and nothing else: the connections still in the
+    kernel's accept queue, never read by the server, are reset by the kernel together,
+    at the close, whether or not their client had written its request yet. So every
+    reset came at one moment (``LISTENER_CLOSE_S``), within 1 s of the signal; a server
+    that dropped requests it had taken would not reset them all at one such moment."""
+    if not resets:
+        return True
+    ends = [a.ended for a in resets]
+    return max(ends) - min(ends) <= LISTENER_CLOSE_S and signalled <= min(ends) <= signalled + 1
 
 
 def clean(a: Attempt) -> bool:
     """What a client may see while a server stops: its answer, a 503 that says when to
-    come back, or a refused connection. Not: a reset, a half answer, a 500."""
+    come back, or a refused connection. Not: a half answer, a 500, or a reset (but see
+    :func:`one_listener_close`)."""
     return a.ok or (a.status == 503 and a.retry_after is not None) or refused(a)
 
 
@@ -143,7 +157,7 @@ def test_twenty_starts_each_stopped_under_load_restart_at_once(
     port, metrics = free_port(), free_port()
     servers: list[Server] = []
     seen: list[str] = []
-    resets = 0  # connects reset by a listener closing (nothing sent): reported, allowed
+    resets = 0  # connections reset by a listener closing (never read): reported, allowed
     try:
         for n in range(STARTS):
             stop = STOPS[n % len(STOPS)]
@@ -169,7 +183,9 @@ def test_twenty_starts_each_stopped_under_load_restart_at_once(
 
             during = [a for a in report.attempts if at <= a.ended <= at + DRAIN_CAP_S]
             assert [a for a in report.attempts if a.ended < at and not a.ok] == []
-            bad = [a for a in during if not clean(a)]
+            resets_now = [a for a in during if reset(a)]
+            assert one_listener_close(resets_now, at), f"{stop}: {resets_now[:5]}"
+            bad = [a for a in during if not clean(a) and not reset(a)]
             assert bad == [], f"{stop}: {bad[:5]}"
             if stop.signum != signal.SIGKILL:
                 assert server.process.returncode == 0, server.log.read_text()[-3000:]
@@ -180,9 +196,9 @@ def test_twenty_starts_each_stopped_under_load_restart_at_once(
                 assert all(bindable(p) for p in server.ports), f"{stop}: ports still held"
                 assert "stopped" in server.log.read_text()
             seen.append(str(stop))
-            resets += sum(reset_at_connect(a) for a in during)
+            resets += len(resets_now)
     finally:
         for server in servers:
             server.kill()
     assert len(seen) == STARTS
-    print(f"{STARTS} starts and stops: {resets} connection(s) reset at connect, none after")
+    print(f"{STARTS} starts and stops: {resets} connection(s) reset by a listener closing")
