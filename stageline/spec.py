@@ -59,6 +59,7 @@ from stageline.spec_runtime import (
     StageBatchSpec,
     StageServeSpec,
 )
+from stageline.spec_training import TrainingSpec
 
 __all__ = [
     "DATETIME_MAX",
@@ -167,6 +168,9 @@ class PipelineSpec(SpecModel):
     """Options of the online application."""
     batch: BatchAppSpec = BatchAppSpec()
     """Options of batch runs."""
+    training: TrainingSpec | None = None
+    """How ``stageline train`` trains the model stage's model from labelled events; none:
+    the model is trained elsewhere and registered."""
     setup: str | None = None
     """An example's world builder: ``module:function`` or ``file.py:function`` (relative
     to the spec's folder), called as ``function(spec, home)`` before ``predict``,

@@ -26,7 +26,7 @@ def add_demo(add: AddCommand) -> None:
     )
     demo.add_argument("--seed", type=int, default=7, help="default: %(default)s")
     demo.add_argument(
-        "--rounds", type=positive, default=150, help="boosting rounds (default: %(default)s)"
+        "--rounds", type=positive, help="boosting rounds (default: the spec's training.rounds)"
     )
     demo.add_argument("--force", action="store_true", help="rebuild even if the demo exists")
     demo.add_argument(

@@ -12,7 +12,17 @@ import traceback
 from collections.abc import Sequence
 
 from stageline.context import HOME_ENV
-from stageline_cli import batch, demo, init, materialize, predict, registry, serve, spec
+from stageline_cli import (
+    batch,
+    demo,
+    init,
+    materialize,
+    predict,
+    registry,
+    serve,
+    spec,
+    train,
+)
 from stageline_cli.common import DEBUG_ENV, EXPECTED, HOME_HELP, CliError, debugging
 
 EXIT_PIPE_CLOSED = 128 + signal.SIGPIPE
@@ -107,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # In this order in `stageline --help`.
     demo.add_demo(add)
+    train.add_train(add)
     predict.add_predict(add)
     batch.add_batch(add)
     registry.add_registry(add)

@@ -66,7 +66,7 @@ def build(
     seed: int = 7,
     restaurants: int = 400,
     days: int = 42,
-    rounds: int = 300,
+    rounds: int | None = None,
 ) -> World:
     """Generate the world, write the feature views' history, train and register the
     model on the older orders, hold out the newest, materialize the online store."""

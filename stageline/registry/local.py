@@ -121,6 +121,7 @@ class LocalRegistry:
         description: str = "",
         format: ModelFormat = "ubj",
         aliases: Sequence[str] = (),
+        profile: Mapping[str, Any] | None = None,
     ) -> ModelMetadata:
         """Store ``booster`` as the next version of ``name`` and return its metadata.
 
@@ -131,7 +132,7 @@ class LocalRegistry:
         other tasks have none. ``classes``: a multiclass model's class names in label
         order (default ``"0"``, ``"1"``...). ``metrics``: any held-out metrics, the
         headline one first. ``aliases`` are pointed at the new version once it is
-        in place.
+        in place. ``profile``: what it was trained on, for monitoring.
         """
         features = check_register_args(name, booster, features, format, aliases)
         task_args = check_task_args(name, booster, task, threshold, classes)
@@ -153,6 +154,7 @@ class LocalRegistry:
             metrics=metrics,
             params=params,
             description=description,
+            profile=profile,
         )
         meta = self._store_new_version(meta, raw)
         if aliases:

@@ -100,6 +100,9 @@ class ModelMetadata(pydantic.BaseModel):
     ``mlogloss``...), in the order given: listings show the first ones."""
     params: dict[str, Any] = Field(default_factory=dict)
     """Training parameters, free-form."""
+    profile: dict[str, Any] = Field(default_factory=dict)
+    """What the model was trained on, for monitoring: each feature's and the score's
+    histogram (``stageline.training.profile``); empty for a model registered without."""
     description: str = ""
     """Free text for humans."""
     created_at: datetime

@@ -157,6 +157,7 @@ def new_metadata(
     metrics: Mapping[str, float] | None,
     params: Mapping[str, Any] | None,
     description: str,
+    profile: Mapping[str, Any] | None = None,
 ) -> ModelMetadata:
     """Metadata of a model about to be registered (version 1 until one is claimed).
 
@@ -178,6 +179,7 @@ def new_metadata(
             classes=task.classes,
             metrics=dict(metrics or {}),
             params=dict(params or {}),
+            profile=dict(profile or {}),
             description=description,
             created_at=datetime.now(timezone.utc),
         )

@@ -15,12 +15,13 @@ import pytest
 import xgboost
 
 from stageline.demo import data
-from stageline.demo.train import DemoResult, training_frame, transform_stages
+from stageline.demo.train import DemoResult
 from stageline.demo.transforms import fraud_features
 from stageline.features import OfflineStore
 from stageline.registry import LocalRegistry, ModelMetadata
 from stageline.spec import PipelineSpec
 from stageline.stages.transform import apply_encoders
+from stageline.training import training_frame
 from tests.conftest import ROOT
 
 VIEW = "customer_stats"
@@ -137,7 +138,7 @@ def test_training_features_are_as_of_each_transaction(
     request = sample[list(fraud_spec.request.fields)]
     offline = OfflineStore(demo_home, fraud_spec.features.views, fraud_spec.base_dir)
 
-    frame = training_frame(fraud_spec, offline, transform_stages(fraud_spec, demo_home), request)
+    frame, _ = training_frame(fraud_spec, demo_home, request)
 
     view = fraud_spec.features.views[VIEW]
     table = offline.read(VIEW)

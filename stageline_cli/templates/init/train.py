@@ -32,12 +32,13 @@ from stageline.context import resolve_home
 from stageline.features import FeatureStoreError, OfflineStore, materialize
 from stageline.pipeline import build_stage
 from stageline.registry import LocalRegistry, ModelMetadata, RegistryError
-from stageline.spec import StageSpec, resolve_class
+from stageline.spec import resolve_class
 from stageline.stage import ERROR_COLUMN, error_mask
 from stageline.stages.features import FeatureLookup
 from stageline.stages.model import XGBoostPredictor
 from stageline.stages.transform import apply_encoders, fit_encoders
 from stageline.stages.validate import validate_frame
+from stageline.training import model_stage
 
 HERE = Path(__file__).resolve().parent
 SPEC = HERE / "__NAME__.yaml"
@@ -130,13 +131,6 @@ def read_events(path: Path) -> pd.DataFrame:
         # As `stageline predict` reads CSV: only an empty field is missing.
         return pd.read_csv(path, keep_default_na=False, na_values=[""])
     raise TrainError(f"{path}: expected a .csv or .parquet file of labelled events")
-
-
-def model_stage(spec: PipelineSpec) -> StageSpec:
-    for stage in spec.stages:
-        if issubclass(resolve_class(stage.uses, spec.base_dir), XGBoostPredictor):
-            return stage
-    raise TrainError(f"{spec.name}: the spec has no XGBoostPredictor stage to train for")
 
 
 def training_frame(
