@@ -40,6 +40,7 @@ def test_the_core_and_the_http_layer_import_without_ray() -> None:
         "stageline.stages.model",
         "stageline.service",
         "stageline.outputs",
+        "stageline.predlog",
     }
     assert report["ray"] == [], (
         f"stageline imported {report['ray']}; the core must never import Ray "
