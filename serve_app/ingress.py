@@ -22,6 +22,7 @@ import pandas as pd
 from fastapi import FastAPI
 from ray import serve
 from ray.exceptions import RayActorError
+from ray.serve import metrics
 from ray.serve.exceptions import (
     BackPressureError,
     DeploymentUnavailableError,
@@ -35,10 +36,12 @@ from serve_app.ray_internals import by_reference, keep_grpc_on_loopback, send_ea
 from serve_app.router import make_router
 from stageline.outputs import OutputContract, Record, check_outputs_provided
 from stageline.pipeline import StageChain
+from stageline.predlog import PredictionLog
 from stageline.service import (
     ChainRunner,
     LocalRun,
     LocalRuns,
+    LoggedContract,
     Runner,
     ScoringService,
     UnavailableError,
@@ -53,14 +56,19 @@ Step = LocalRun | DeploymentHandle[Any]
 
 
 def placement_runner(
-    spec: PipelineSpec, home: str, handles: Sequence[DeploymentHandle[Any]]
+    spec: PipelineSpec,
+    home: str,
+    handles: Sequence[DeploymentHandle[Any]],
+    prediction_log: PredictionLog | None = None,
 ) -> Runner:
     """The runner for ``spec``'s placement: every stage in this replica
     (:class:`~stageline.service.ChainRunner`), or the stage deployments behind
     ``handles`` with any inline stages between them (:class:`HandleRunner`).
     Validation always runs here first. A stage placed inline runs (and is measured)
-    on its own, as in a deployment."""
-    contract = OutputContract(spec)
+    on its own, as in a deployment. Finished frames go to ``prediction_log``, if any."""
+    contract = (
+        OutputContract(spec) if prediction_log is None else LoggedContract(spec, prediction_log)
+    )
     validate = StageChain(spec, [], Path(home), validate=True)
     by_ref = spec.serve.stage_calls == "actor"
     remote = iter(by_reference(h, by_ref) for h in handles)
@@ -181,7 +189,22 @@ class Ingress:
     ) -> None:
         keep_grpc_on_loopback()
         send_each_response_whole()
-        self.service = ScoringService(spec, placement_runner(spec, home, handles))
+        self.prediction_log: PredictionLog | None = None
+        if spec.prediction_log.enabled:
+            dropped = metrics.Counter(
+                "stageline_prediction_log_dropped_rows",
+                description="Predictions the prediction log dropped, by reason (full: the "
+                "sink is slower than the traffic; write_failed; unencodable; closed).",
+                tag_keys=("reason",),
+            )
+            self.prediction_log = PredictionLog(
+                home,
+                pipeline=spec.name,
+                spec=spec.prediction_log,
+                on_drop=lambda n, reason: dropped.inc(n, tags={"reason": reason}),
+            )
+        runner = placement_runner(spec, home, handles, self.prediction_log)
+        self.service = ScoringService(spec, runner)
         self.api_key = api_key
         self.api_key.load()
         self.app_status = ServeAppStatus()
@@ -195,6 +218,13 @@ class Ingress:
         """Model references of the stages placed inline, and batching overrides
         (:class:`~stageline.service.UserConfig`)."""
         self.service.reconfigure(UserConfig.model_validate(user_config))
+
+    def __del__(self) -> None:
+        """Serve's graceful stop, once the requests in flight are answered: what the
+        prediction log holds in memory is written (for up to its ``close_timeout_s``)."""
+        prediction_log = getattr(self, "prediction_log", None)
+        if prediction_log is not None:
+            prediction_log.close()
 
 
 class ServeAppStatus:

@@ -133,8 +133,9 @@ def _scoring_routes(app: FastAPI, service: ScoringService, codec: RequestCodec) 
         reason, as a record a stage rejects, and the others are scored."""
         payload = await _body(request)
         rows, invalid = codec.each_record(payload) if partial else (codec.records(payload), {})
-        scored = await service.score(rows) if rows else []
-        answer = codec.predict_answer(scored, request_id_of(request.scope), invalid)
+        rid = request_id_of(request.scope)
+        scored = await service.score(rows, rid) if rows else []
+        answer = codec.predict_answer(scored, rid, invalid)
         return JSONResponse(answer)
 
     @app.post("/v2/models/{name}/infer", summary="Open Inference Protocol (V2) inference")
@@ -142,7 +143,7 @@ def _scoring_routes(app: FastAPI, service: ScoringService, codec: RequestCodec) 
         _check_model(service, name)
         payload = await _body(request)
         rows, wanted = codec.oip_records(payload)
-        scored = await service.score(rows)
+        scored = await service.score(rows, request_id_of(request.scope))
         return JSONResponse(codec.oip_answer(name, payload, scored, wanted))
 
     @app.get("/v2/models/{name}", summary="Open Inference Protocol (V2) model metadata")

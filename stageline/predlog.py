@@ -32,12 +32,19 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from stageline.spec_logging import PredictionLogSpec
+from stageline.stage import ERROR_COLUMN
 
 log = logging.getLogger(__name__)
 
 TIME_COLUMN = "logged_at"
 """When a row was logged (UTC); ``log`` adds it to frames that lack it. Rows are
 partitioned by its date."""
+REQUEST_ID = "_request_id"
+"""The column that carries each row's request id through the stages (the service adds
+it); the log names it ``request_id``."""
+RECEIVED_AT = "_received_at"
+"""The column that carries when each row reached the service (epoch seconds); the log
+keeps ``latency_ms`` from it to the row's scores."""
 PARTITION = "date"
 """The hive partition key of the dataset's folders: ``date=YYYY-MM-DD``."""
 
@@ -102,6 +109,23 @@ def sampled(frame: pd.DataFrame, rate: float, *, seed_column: str) -> pd.DataFra
     # As strings, so that the id 7 and the id "7" are the same request on every path.
     hashes = pd.util.hash_pandas_object(frame[seed_column].astype(str), index=False)
     return frame[hashes.to_numpy() < np.uint64(rate * 2.0**64)]
+
+
+def logged_rows(
+    scored: pd.DataFrame, *, sample: float = 1.0, now: float | None = None
+) -> pd.DataFrame:
+    """The rows of a finished frame as the log keeps them: every column the stages gave
+    (the request's fields, the features the model received, the model and its outputs),
+    ``request_id``, ``latency_ms`` and ``error``; ``sample`` of the requests, by id."""
+    renames = {REQUEST_ID: "request_id", ERROR_COLUMN: "error"}
+    frame = scored.rename(columns={k: v for k, v in renames.items() if k in scored.columns})
+    if RECEIVED_AT in frame.columns:
+        now = time.time() if now is None else now
+        latency = (now - frame[RECEIVED_AT].astype("float64")) * 1000.0
+        frame = frame.drop(columns=[RECEIVED_AT]).assign(latency_ms=latency)
+    if sample < 1 and "request_id" in frame.columns:
+        frame = sampled(frame, sample, seed_column="request_id")
+    return frame
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,9 @@ adapter's). No HTTP, no Ray: a web framework wraps it, and a test calls it direc
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -21,10 +23,12 @@ from pydantic import BaseModel, ConfigDict
 from stageline.batching import BatchOverrides, Merger
 from stageline.features import StoreUnavailableError
 from stageline.outputs import OutputContract, Record
+from stageline.predlog import RECEIVED_AT, REQUEST_ID, PredictionLog, logged_rows
 from stageline.spec import PipelineSpec
 from stageline.stage import StageStatus
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 STATUS_TIMEOUT_S = 5.0
 """How long a readiness check waits for every stage to answer."""
@@ -172,6 +176,25 @@ class ChainRunner:
         self.step.reconfigure(config)
 
 
+class LoggedContract(OutputContract):
+    """The output contract of a service that logs its predictions: each finished frame
+    goes to ``prediction_log`` (its sampled requests) as its records are made, where
+    the runner ends (in a worker thread, or on the loop after the last deployment).
+    Logging only queues the rows; nothing about it fails a request."""
+
+    def __init__(self, spec: PipelineSpec, prediction_log: PredictionLog) -> None:
+        super().__init__(spec)
+        self.prediction_log = prediction_log
+        self.sample = spec.prediction_log.sample
+
+    def records(self, scored: pd.DataFrame) -> list[Record]:
+        try:
+            self.prediction_log.log(logged_rows(scored, sample=self.sample))
+        except Exception:
+            log.exception("prediction log: these rows could not be logged")
+        return super().records(scored)
+
+
 class ScoringService:
     """Scores validated records with ``runner``, within ``spec``'s deadline.
 
@@ -194,10 +217,14 @@ class ScoringService:
                 in_flight=spec.serve.ingress.in_flight,
             )
 
-    async def score(self, rows: list[Record]) -> list[Record]:
-        """One scored record per row (rejected ones carry ``error``).
+    async def score(self, rows: list[Record], request_id: str | None = None) -> list[Record]:
+        """One scored record per row (rejected ones carry ``error``). With the prediction
+        log on, each row carries ``request_id`` and its arrival time through the stages.
 
         Raises :class:`DeadlineExceededError` or :class:`UnavailableError`."""
+        if self.spec.prediction_log.enabled:
+            now = time.time()
+            rows = [{**row, REQUEST_ID: request_id, RECEIVED_AT: now} for row in rows]
         if self.merger is not None:
             return await self.merger(rows)
         return (await self._score_all([rows]))[0]

@@ -38,6 +38,7 @@ from stageline.spec_features import (
     OnlineStoreSpec,
     RedisStoreSpec,
 )
+from stageline.spec_logging import PredictionLogSpec
 from stageline.spec_outputs import OutputSpec, OutputType
 from stageline.spec_request import (
     DATETIME_MAX,
@@ -168,6 +169,9 @@ class PipelineSpec(SpecModel):
     """Options of the online application."""
     batch: BatchAppSpec = BatchAppSpec()
     """Options of batch runs."""
+    prediction_log: PredictionLogSpec = PredictionLogSpec()
+    """Where every online prediction is recorded (request id, time, the request's fields,
+    the features the model received, model, outputs, latency), off the request path."""
     training: TrainingSpec | None = None
     """How ``stageline train`` trains the model stage's model from labelled events; none:
     the model is trained elsewhere and registered."""

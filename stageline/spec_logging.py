@@ -11,8 +11,8 @@ from stageline.spec_base import SpecModel
 
 
 class PredictionLogSpec(SpecModel):
-    """Every prediction (online and batch) written to a partitioned parquet dataset, off
-    the request path: a slow or failing sink drops and counts rows, never a request."""
+    """Every online prediction written to a partitioned parquet dataset, off the request
+    path: a slow or failing sink drops and counts rows, never a request."""
 
     enabled: bool = True
     """Log predictions at all."""
@@ -22,7 +22,7 @@ class PredictionLogSpec(SpecModel):
     as ``s3://bucket/prefix``. Files land in ``date=YYYY-MM-DD/`` folders beneath it."""
     sample: float = Field(default=1.0, ge=0, le=1)
     """Share of online predictions logged, chosen by request id, so a request is either
-    logged whole or not at all. Batch runs log every row."""
+    logged whole or not at all."""
     max_buffered_rows: int = Field(default=100_000, ge=1)
     """Most rows held in memory, waiting for or being written. Past it the rows of a new
     prediction are dropped and counted: memory stays bounded however slow the sink."""
