@@ -1,14 +1,15 @@
 """Online: single-record POST /predict of the demo pipeline, ``stageline serve``
 against the other ways to serve it, under load from ``wrk``.
 
-    python -m bench.online [--targets A G B C D E] [--concurrency 1 8 32 64 128]
-                           [--duration S] [--warmup S] [--rounds N] [--home H]
-                           [--results DIR] [--smoke]
+    python -m bench.online [--targets A N G B C D E] [--concurrency 1 8 32 64 128]
+                           [--duration S] [--warmup S] [--rounds N] [--peak-rounds N]
+                           [--home H] [--results DIR] [--smoke]
 
 Targets, each its own process on a free loopback port, started, polled until it
 answers 200, measured, stopped, one at a time:
 
-- A   ``stageline serve``, exactly as shipped;
+- A   ``stageline serve``, exactly as shipped (the prediction log on);
+- N   ``stageline serve`` with the prediction log off: A's cost of logging;
 - G   ``stageline serve --placement graph``: the shipped spec in the ``graph``
   placement, every stage an autoscaling deployment of its own behind an ingress that
   only routes (what ``cluster/serve.yaml`` ships), all on this one machine;
@@ -22,7 +23,9 @@ discarded, then the measure: p50 and p99 latency, requests per second, errors
 (connect, read, write, HTTP status >= 400, timeouts past 2 s). A target's max RPS is
 the best rate with p99 <= 100 ms and no errors. Then A, G and C again at 1 client
 (those of them in the run), each started afresh, taking turns for ``--rounds``
-rounds: the median of each is their latency comparison (:func:`idle_rounds`). The home defaults to
+rounds: the median of each is their latency comparison (:func:`rounds_in_turn`). And A
+and N in turn at :data:`PEAK_CONCURRENCY` clients for ``--peak-rounds``: the median of
+their rates is what the prediction log costs at peak. The home defaults to
 ``bench/.data/home`` (the demo is built there on first use).
 """
 
@@ -46,6 +49,7 @@ from typing import Any
 
 import pandas as pd
 import requests
+import yaml
 
 from bench.processes import OWN_SESSION, free_port, local_env, start, stop_group
 from bench.report import DATA, add_run_options, markdown, median_seconds, scratch, write
@@ -60,7 +64,9 @@ HOME = DATA / "home"
 LEVELS = (1, 8, 32, 64, 128)
 SMOKE_LEVELS = (1, 8)
 IDLE_ROUNDS = 3
-"""Rounds of the 1-client comparison of A and C (see :func:`idle_rounds`)."""
+"""Rounds of the 1-client comparison of A, G and C (see :func:`rounds_in_turn`)."""
+PEAK_CONCURRENCY = 32
+"""Clients of the peak comparison of A and N: where A's rate tops out on two cores."""
 P99_LIMIT_MS = 100.0
 READY_TIMEOUT_S = 180.0
 WRK_TIMEOUT = "2s"
@@ -81,6 +87,7 @@ TARGETS = {
     t.key: t
     for t in (
         Target("A", "A", "stageline (shipped defaults)"),
+        Target("N", "N", "stageline, prediction log off"),
         Target("G", "G", "stageline, graph placement"),
         Target("B", "B", "naive Ray Serve"),
         Target("C", "C", "FastAPI/uvicorn, 2 workers"),
@@ -90,7 +97,9 @@ TARGETS = {
 }
 ROUND_KEYS = ("A", "G", "C")
 """The targets taken in turn at one client (those of them measured in the run)."""
-RATIOS = (("A", "B"), ("A", "C"), ("G", "A"), ("G", "C"), ("A", "E"))
+PEAK_KEYS = ("A", "N")
+"""The targets taken in turn at :data:`PEAK_CONCURRENCY` clients."""
+RATIOS = (("A", "N"), ("A", "B"), ("A", "C"), ("G", "A"), ("G", "C"), ("A", "E"))
 
 
 class TargetError(Exception):
@@ -103,6 +112,8 @@ class TargetError(Exception):
 def command(key: str, port: int, home: Path, work: Path) -> list[str]:
     """How target ``key`` is started, from the project root."""
     py = sys.executable
+    if key == "N":
+        return [*command("A", port, home, work), "--spec", str(spec_without_log(work))]
     if key in ("A", "G"):
         # A free metrics port, not the default 8080: a server already running on this
         # machine must not make the benchmark fail. Ray exports metrics either way.
@@ -253,8 +264,18 @@ def measure_server(
     return rows, server.facts
 
 
-def idle_rounds(
+def spec_without_log(work: Path) -> Path:
+    """The shipped spec with its prediction log off (target N), written under ``work``."""
+    data = yaml.safe_load((ROOT / DEFAULT_SPEC).read_text())
+    data["prediction_log"] = {"enabled": False}
+    path = work / "fraud-no-prediction-log.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def rounds_in_turn(
     keys: Sequence[str],
+    clients: int,
     rounds: int,
     seconds: float,
     warmup: float,
@@ -262,20 +283,19 @@ def idle_rounds(
     home: Path,
     work: Path,
 ) -> list[dict[str, Any]]:
-    """The targets ``keys`` (A and C, and G when measured) at one client, each started
-    afresh, in turn, ``rounds`` times.
+    """The targets ``keys`` at ``clients`` clients, each started afresh, in turn,
+    ``rounds`` times.
 
-    Latency at one client is what this shared machine's load moves most: a target
-    measured a few minutes after another can be 20% faster or slower for no reason of
-    its own. Taking turns puts them in the same minutes; the median of each over the
-    rounds is their comparison."""
+    This shared machine's load moves a target measured a few minutes after another
+    20% faster or slower for no reason of its own. Taking turns puts them in the same
+    minutes; the median of each over the rounds is their comparison."""
     rows: list[dict[str, Any]] = []
     for n in range(1, rounds + 1):
         for key in keys:
             target = TARGETS[key]
-            print(f"1-client round {n}/{rounds}:", end=" ", flush=True)
+            print(f"{clients}-client round {n}/{rounds}:", end=" ", flush=True)
             measured, _ = measure_server(
-                target, [1], seconds, warmup, body, home, work, f"{key}-round{n}"
+                target, [clients], seconds, warmup, body, home, work, f"{key}-c{clients}-round{n}"
             )
             rows += [{**row, "round": n} for row in measured]
     return rows
@@ -326,6 +346,7 @@ def summarize(
     targets: list[Target],
     facts: dict[str, dict[str, Any]],
     idle: list[dict[str, Any]] | None = None,
+    peak: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     best = {t.label: max_rps(rows, t.label) for t in targets if t.label in facts}
     ratios: dict[str, float | None] = {}
@@ -355,7 +376,25 @@ def summarize(
                 ratios[f"{top}/{bottom} p50 at concurrency 1 (median of {turns})"] = (
                     medians[top] / medians[bottom]
                 )
-    return {"max_rps": best, "ratios": ratios, "targets": facts, "idle_p50_ms": medians}
+    peak_rps = {
+        key: statistics.median(r["rps"] for r in peak or [] if r["target"] == key)
+        for key in PEAK_KEYS
+        if any(r["target"] == key for r in peak or [])
+    }
+    if peak and "A" in peak_rps and "N" in peak_rps:
+        rounds = max(r["round"] for r in peak)
+        turns = f"{rounds} alternating rounds" if rounds > 1 else "1 round"
+        level = peak[0]["concurrency"]
+        ratios[f"A/N req/s at concurrency {level} (median of {turns})"] = (
+            peak_rps["A"] / peak_rps["N"]
+        )
+    return {
+        "max_rps": best,
+        "ratios": ratios,
+        "targets": facts,
+        "idle_p50_ms": medians,
+        "peak_rps": peak_rps,
+    }
 
 
 def tables(
@@ -363,6 +402,7 @@ def tables(
     targets: list[Target],
     summary: dict[str, Any],
     idle: list[dict[str, Any]] | None = None,
+    peak: list[dict[str, Any]] | None = None,
 ) -> str:
     def ms(row: dict[str, Any], key: str) -> str:
         return f"{row[key]:.1f}" if key in row else "-"
@@ -398,12 +438,15 @@ def tables(
         markdown(["target", "what", f"max RPS (p99 <= {P99_LIMIT_MS:g} ms, no errors)",
                   "ready after s"], per_target),
     ]  # fmt: skip
-    if idle:
+    for turned in (idle, peak):
+        if not turned:
+            continue
+        clients = turned[0]["concurrency"]
         turns = [[r["round"], r["target"], ms(r, "p50_ms"), ms(r, "p99_ms"),
-                  f"{r['rps']:,.0f}", error_text(r)] for r in idle]  # fmt: skip
+                  f"{r['rps']:,.0f}", error_text(r)] for r in turned]  # fmt: skip
         parts.append(
-            f"{' and '.join(dict.fromkeys(r['target'] for r in idle))} at 1 client, "
-            "each started afresh, taking turns:\n\n"
+            f"{' and '.join(dict.fromkeys(r['target'] for r in turned))} at {clients} "
+            f"client{'s' if clients > 1 else ''}, each started afresh, taking turns:\n\n"
             + markdown(["round", "target", "p50 ms", "p99 ms", "RPS", "errors"], turns)
         )
     parts.append(markdown(["ratio", "value"], ratios))
@@ -491,11 +534,18 @@ def main(argv: list[str] | None = None) -> int:
         default=IDLE_ROUNDS,
         help=f"rounds of A, G and C in turn at 1 client ({IDLE_ROUNDS}; 0: none)",
     )
+    parser.add_argument(
+        "--peak-rounds",
+        type=int,
+        default=IDLE_ROUNDS,
+        help=f"rounds of A and N in turn at {PEAK_CONCURRENCY} clients ({IDLE_ROUNDS}; 0: none)",
+    )
     add_run_options(parser)
     args = parser.parse_args(argv)
     if args.smoke:
         args.concurrency, args.duration, args.warmup = list(SMOKE_LEVELS), 1.0, 0.5
         args.rounds = min(args.rounds, 1)
+        args.peak_rounds = min(args.peak_rounds, 1)
     if shutil.which("wrk") is None:
         raise SystemExit("bench.online needs wrk: sudo apt-get install wrk")
     targets = [TARGETS[k] for k in dict.fromkeys(args.targets)]
@@ -526,12 +576,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds > 0 and {"A", "C"} <= keys and not any("failed" in f for f in facts.values()):
         in_turn = [k for k in ROUND_KEYS if k in keys]
         try:
-            idle = idle_rounds(in_turn, args.rounds, args.duration, args.warmup, body, home, work)
+            idle = rounds_in_turn(
+                in_turn, 1, args.rounds, args.duration, args.warmup, body, home, work
+            )
         except TargetError as e:
             print(f"1-client rounds: failed: {e}", file=sys.stderr, flush=True)
             facts["1-client rounds"] = {"failed": str(e)}
+    peak: list[dict[str, Any]] = []
+    clients = PEAK_CONCURRENCY if not args.smoke else max(args.concurrency)
+    if args.peak_rounds > 0 and set(PEAK_KEYS) <= keys:
+        try:
+            peak = rounds_in_turn(
+                PEAK_KEYS, clients, args.peak_rounds, args.duration, args.warmup, body, home, work
+            )
+        except TargetError as e:
+            print(f"peak rounds: failed: {e}", file=sys.stderr, flush=True)
+            facts["peak rounds"] = {"failed": str(e)}
 
-    summary = summarize(rows, targets, facts, idle)
+    summary = summarize(rows, targets, facts, idle, peak)
     config = {
         "targets": [t.label for t in targets],
         "concurrency": args.concurrency,
@@ -544,10 +606,11 @@ def main(argv: list[str] | None = None) -> int:
         "p99_limit_ms": P99_LIMIT_MS,
         "smoke": args.smoke,
         "rounds": args.rounds,
+        "peak_rounds": args.peak_rounds,
+        "peak_concurrency": clients,
     }
-    write(
-        "online", config, rows + idle, tables(rows, targets, summary, idle), args.results, summary
-    )
+    text = tables(rows, targets, summary, idle, peak)
+    write("online", config, rows + idle + peak, text, args.results, summary)
     plot(rows, targets, args.results)
     return 1 if any("failed" in f for f in facts.values()) else 0
 

@@ -116,22 +116,27 @@ def test_online_smoke(tmp_path: Path, bench_home: Path) -> None:
     record = smoke("online", tmp_path, bench_home, timeout=600)
     rows = record["rows"]
     assert {(r["target"], r["concurrency"]) for r in rows} == {
-        *((t, c) for t in ("A", "G", "B", "C", "E") for c in (1, 8)),
+        *((t, c) for t in ("A", "N", "G", "B", "C", "E") for c in (1, 8)),
         ("D", 1),
     }
     for row in rows:
         if row["target"] != "D" and row["concurrency"] == 1:
             assert row["requests"] > 0, row
             assert sum(row["errors"].values()) == 0, row
-    turns = [(r["round"], r["target"]) for r in rows if "round" in r]
-    assert turns == [(1, "A"), (1, "G"), (1, "C")]  # the smoke's one round, in turn
+    turns = [(r["round"], r["target"], r["concurrency"]) for r in rows if "round" in r]
+    # The smoke's one round of each, in turn: A, G and C at one client; A and N at the
+    # most clients, what the prediction log costs.
+    assert turns == [(1, "A", 1), (1, "G", 1), (1, "C", 1), (1, "A", 8), (1, "N", 8)]
     summary = record["summary"]
-    assert set(summary["max_rps"]) == {"A", "G", "B", "C", "D", "E"}
+    assert set(summary["max_rps"]) == {"A", "N", "G", "B", "C", "D", "E"}
     assert set(summary["idle_p50_ms"]) == {"A", "G", "C"}
+    assert set(summary["peak_rps"]) == {"A", "N"}
     assert {
         "A/C p50 at concurrency 1 (the pass above)",
         "A/C p50 at concurrency 1 (median of 1 round)",
         "G/A p50 at concurrency 1 (median of 1 round)",
+        "A/N req/s at concurrency 8 (median of 1 round)",
+        "A/N max RPS",
     } <= set(summary["ratios"])
     assert (tmp_path / "online.png").stat().st_size > 0
 
