@@ -14,7 +14,7 @@ import asyncio
 import logging
 import math
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -34,9 +34,10 @@ from serve_app.deployment import MeteredChain, freeze_heap
 from serve_app.http import AT_CAPACITY, ApiKey
 from serve_app.ray_internals import by_reference, keep_grpc_on_loopback, send_each_response_whole
 from serve_app.router import make_router
+from stageline.monitoring import DriftMeter
 from stageline.outputs import OutputContract, Record, check_outputs_provided
 from stageline.pipeline import StageChain
-from stageline.predlog import PredictionLog
+from stageline.predlog import PredictionLog, scored_rows
 from stageline.service import (
     ChainRunner,
     LocalRun,
@@ -98,6 +99,33 @@ def _stages(chain: object) -> StageChain:
     inner = chain.chain if isinstance(chain, MeteredChain) else chain
     assert isinstance(inner, StageChain)
     return inner
+
+
+def drift_gauges(spec: PipelineSpec, home: str) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    """The prediction log's ``prepare``: each batch it writes shaped as the log keeps it
+    (:func:`~stageline.predlog.scored_rows`), and its features and scores counted
+    against the model version's training profile (:class:`~stageline.monitoring.DriftMeter`),
+    whose PSI figures go to a gauge: what ``stageline monitor`` reports, as it goes."""
+    meter = DriftMeter(spec, Path(home))
+    gauge = metrics.Gauge(
+        "stageline_drift_psi",
+        description="Population stability index of a feature (or of the score: feature is "
+        "the model's output) in this replica's recent predictions, against the training "
+        "profile of the model version: under 0.1 stable, 0.25 and over a drift.",
+        tag_keys=("model", "version", "feature"),  # type: ignore[arg-type]
+    )
+
+    def prepare(frame: pd.DataFrame) -> pd.DataFrame:
+        rows = scored_rows(frame)
+        try:
+            for (version, feature), value in meter.observe(rows).items():
+                tags = {"model": meter.name, "version": str(version), "feature": feature}
+                gauge.set(value, tags=tags)
+        except Exception:  # the figures are a view of the log: never a reason to lose it
+            log.exception("drift figures of the prediction log failed")
+        return rows
+
+    return prepare
 
 
 class HandleRunner:
@@ -202,6 +230,7 @@ class Ingress:
                 pipeline=spec.name,
                 spec=spec.prediction_log,
                 on_drop=lambda n, reason: dropped.inc(n, tags={"reason": reason}),
+                prepare=drift_gauges(spec, home),
             )
         runner = placement_runner(spec, home, handles, self.prediction_log)
         self.service = ScoringService(spec, runner)

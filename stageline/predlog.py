@@ -111,20 +111,18 @@ def sampled(frame: pd.DataFrame, rate: float, *, seed_column: str) -> pd.DataFra
     return frame[hashes.to_numpy() < np.uint64(rate * 2.0**64)]
 
 
-def logged_rows(
-    scored: pd.DataFrame, *, sample: float = 1.0, now: float | None = None
-) -> pd.DataFrame:
-    """The rows of a finished frame as the log keeps them: every column the stages gave
-    (the request's fields, the features the model received, the model and its outputs),
-    ``request_id``, ``latency_ms`` and ``error``; ``sample`` of the requests, by id."""
+def scored_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """Finished frames (stamped ``logged_at``) as the log keeps them: every column the
+    stages gave (the request's fields, the features the model received, the model and
+    its outputs), ``request_id``, ``error``, and ``latency_ms`` from the rows' arrival to
+    their scores. The writer thread applies it to each batch (``prepare``): the request
+    path only queues its frame."""
     renames = {REQUEST_ID: "request_id", ERROR_COLUMN: "error"}
-    frame = scored.rename(columns={k: v for k, v in renames.items() if k in scored.columns})
+    frame = frame.rename(columns={k: v for k, v in renames.items() if k in frame.columns})
     if RECEIVED_AT in frame.columns:
-        now = time.time() if now is None else now
-        latency = (now - frame[RECEIVED_AT].astype("float64")) * 1000.0
+        logged = frame[TIME_COLUMN].to_numpy(dtype="datetime64[us]").astype("int64") / 1e3
+        latency = logged - frame[RECEIVED_AT].to_numpy(dtype="float64") * 1e3
         frame = frame.drop(columns=[RECEIVED_AT]).assign(latency_ms=latency)
-    if sample < 1 and "request_id" in frame.columns:
-        frame = sampled(frame, sample, seed_column="request_id")
     return frame
 
 
@@ -151,8 +149,12 @@ class PredictionLog:
         spec: PredictionLogSpec,
         on_drop: Callable[[int, str], None] | None = None,
         clock: Clock = _now,
+        prepare: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
     ) -> None:
+        """``prepare``: applied on the writer thread to each batch of logged frames (one
+        frame, ``logged_at`` added) before it is written (:func:`scored_rows`)."""
         self.spec = spec
+        self._prepare = prepare
         self.location = log_location(home, pipeline, spec)
         """The dataset's root: a local path or a URI (what ``read_log`` takes)."""
         self._on_drop = on_drop
@@ -364,10 +366,10 @@ class PredictionLog:
     def _write_batch(self, batch: list[_Queued]) -> int:
         """Write the batch, one file per day; returns the rows written or dropped."""
         try:
-            parts = _by_day([_stamped(item) for item in batch])
+            parts = _by_day(self._batch_frame(batch))
         except Exception:
             if len(batch) == 1:
-                error = _encode_error(batch[0])
+                error = _encode_error(self, batch[0])
                 self._count_failed(len(batch[0].frame), UNENCODABLE, error)
                 return len(batch[0].frame)
             # One frame parquet cannot hold must not cost the others: write each alone.
@@ -383,6 +385,27 @@ class PredictionLog:
                     self._written += table.num_rows
             accounted += table.num_rows
         return accounted
+
+    def _batch_frame(self, batch: list[_Queued]) -> pd.DataFrame:
+        """The batch's frames as one, each row stamped with when it was logged (unless its
+        frame has its own ``logged_at``), then ``prepare`` d. One concat, one column: per
+        frame, a copy would cost more than the rest of the write."""
+        frames = [item.frame for item in batch]
+        frame = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+        stamps = pd.DatetimeIndex(
+            np.repeat(
+                np.array([item.at.replace(tzinfo=None) for item in batch], dtype="datetime64[us]"),
+                [len(f) for f in frames],
+            ),
+            tz="UTC",
+        )
+        if TIME_COLUMN in frame.columns:
+            given = pd.to_datetime(frame[TIME_COLUMN], utc=True)
+            times = given.where(given.notna(), pd.Series(stamps, index=frame.index))
+        else:
+            times = pd.Series(stamps, index=frame.index)
+        frame = frame.assign(**{TIME_COLUMN: times})
+        return self._prepare(frame) if self._prepare is not None else frame
 
     def _count_failed(self, n: int, reason: str, error: BaseException | None) -> None:
         with self._cond:
@@ -423,17 +446,7 @@ def _filesystem(location: str) -> tuple[Any, str]:
     return pafs.LocalFileSystem(), Path(location).resolve().as_posix()
 
 
-def _stamped(item: _Queued) -> pd.DataFrame:
-    frame = item.frame
-    if TIME_COLUMN in frame.columns:
-        times = pd.to_datetime(frame[TIME_COLUMN], utc=True).fillna(pd.Timestamp(item.at))
-    else:
-        times = pd.Series(pd.Timestamp(item.at), index=frame.index, dtype="datetime64[us, UTC]")
-    return frame.assign(**{TIME_COLUMN: times})
-
-
-def _by_day(frames: list[pd.DataFrame]) -> list[tuple[str, pa.Table]]:
-    frame = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+def _by_day(frame: pd.DataFrame) -> list[tuple[str, pa.Table]]:
     days = frame[TIME_COLUMN].dt.strftime("%Y-%m-%d")
     return [
         (day, pa.Table.from_pandas(frame[(days == day).to_numpy()], preserve_index=False))
@@ -441,9 +454,9 @@ def _by_day(frames: list[pd.DataFrame]) -> list[tuple[str, pa.Table]]:
     ]
 
 
-def _encode_error(item: _Queued) -> BaseException | None:
+def _encode_error(log: PredictionLog, item: _Queued) -> BaseException | None:
     try:
-        _by_day([_stamped(item)])
+        _by_day(log._batch_frame([item]))
     except Exception as error:
         return error
     return None

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict
 from stageline.batching import BatchOverrides, Merger
 from stageline.features import StoreUnavailableError
 from stageline.outputs import OutputContract, Record
-from stageline.predlog import RECEIVED_AT, REQUEST_ID, PredictionLog, logged_rows
+from stageline.predlog import RECEIVED_AT, REQUEST_ID, PredictionLog, sampled
 from stageline.spec import PipelineSpec
 from stageline.stage import StageStatus
 
@@ -180,7 +180,8 @@ class LoggedContract(OutputContract):
     """The output contract of a service that logs its predictions: each finished frame
     goes to ``prediction_log`` (its sampled requests) as its records are made, where
     the runner ends (in a worker thread, or on the loop after the last deployment).
-    Logging only queues the rows; nothing about it fails a request."""
+    Logging only queues the frame (the log's writer thread shapes and writes it, with
+    :func:`~stageline.predlog.scored_rows`); nothing about it fails a request."""
 
     def __init__(self, spec: PipelineSpec, prediction_log: PredictionLog) -> None:
         super().__init__(spec)
@@ -189,7 +190,10 @@ class LoggedContract(OutputContract):
 
     def records(self, scored: pd.DataFrame) -> list[Record]:
         try:
-            self.prediction_log.log(logged_rows(scored, sample=self.sample))
+            kept = (
+                scored if self.sample >= 1 else sampled(scored, self.sample, seed_column=REQUEST_ID)
+            )
+            self.prediction_log.log(kept)
         except Exception:
             log.exception("prediction log: these rows could not be logged")
         return super().records(scored)

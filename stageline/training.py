@@ -305,7 +305,7 @@ def profile(
     """What a model was trained on, for monitoring: each feature's histogram over the
     training part (bin edges at its deciles) and the score's over the held-out part
     (what the model gives on events it has not seen). Live traffic binned on the same
-    edges gives the population stability index of each."""
+    edges gives the population stability index of each (:func:`psi`)."""
     return {
         "bins": PROFILE_BINS,
         "rows": len(frame),
@@ -318,15 +318,16 @@ def profile(
 
 def histogram(values: np.ndarray[Any, Any]) -> dict[str, Any]:
     """Inner bin edges at the deciles of ``values`` (repeated ones merged), the share of
-    values in each bin, and the share missing."""
+    values in each bin, the share missing and the mean."""
     present = values[~np.isnan(values)]
     if len(present) == 0:
-        return {"edges": [], "shares": [1.0], "missing": 1.0}
+        return {"edges": [], "shares": [1.0], "missing": 1.0, "mean": None}
     inner = np.unique(np.quantile(present, np.linspace(0, 1, PROFILE_BINS + 1)[1:-1]))
     return {
         "edges": [float(e) for e in inner],
         "shares": [float(s) for s in shares(present, inner)],
         "missing": float(1 - len(present) / len(values)),
+        "mean": float(present.mean()),
     }
 
 
@@ -339,3 +340,16 @@ def shares(
         np.searchsorted(np.asarray(edges), values, side="right"), minlength=len(edges) + 1
     )
     return counts / max(len(values), 1)
+
+
+def psi(
+    expected: Sequence[float] | np.ndarray[Any, Any],
+    actual: Sequence[float] | np.ndarray[Any, Any],
+    floor: float = 1e-4,
+) -> float:
+    """Population stability index of ``actual`` bin shares against ``expected`` ones (an
+    empty bin counts as ``floor``): under 0.1 stable, 0.1 to 0.25 a shift, over 0.25
+    a drift, by the usual reading."""
+    e = np.maximum(np.asarray(expected, dtype="float64"), floor)
+    a = np.maximum(np.asarray(actual, dtype="float64"), floor)
+    return float(((a - e) * np.log(a / e)).sum())

@@ -17,6 +17,7 @@ from stageline_cli import (
     demo,
     init,
     materialize,
+    monitor,
     predict,
     registry,
     serve,
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_batch(add)
     registry.add_registry(add)
     serve.add_serve(add)
+    monitor.add_monitor(add)
     materialize.add_materialize(add)
     spec.add_spec(add)
     init.add_init(add)

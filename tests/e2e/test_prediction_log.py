@@ -100,7 +100,7 @@ def test_sigterm_leaves_exactly_the_answered_predictions_in_the_log(
     assert (logged["latency_ms"] > 0).all()
 
 
-def test_an_unwritable_sink_fails_no_request_and_its_drops_are_exported(
+def test_an_unwritable_sink_fails_no_request_and_the_endpoint_shows_drops_and_drift(
     demo: DemoResult, tmp_path: Path
 ) -> None:
     home = tmp_path / "home"
@@ -114,20 +114,28 @@ def test_an_unwritable_sink_fails_no_request_and_its_drops_are_exported(
         answers = send(url)
         assert [status for status, _, _ in answers] == [200] * REQUESTS
 
-        # Ray exports a counter every few seconds: wait for all the drops to show.
-        deadline, dropped = time.monotonic() + 90, 0.0
-        while dropped < REQUESTS and time.monotonic() < deadline:
+        # Ray exports each metric every few seconds: wait for all the drops to show.
+        deadline, dropped, drift = time.monotonic() + 90, 0.0, dict[str, float]()
+        while (dropped < REQUESTS or not drift) and time.monotonic() < deadline:
             time.sleep(2)
             text = requests.get(f"http://127.0.0.1:{metrics}/metrics", timeout=10).text
-            dropped = sum(
-                float(value)
-                for value in re.findall(
-                    r"^ray_stageline_prediction_log_dropped_rows(?:_total)?\{[^}]*"
-                    r'reason="write_failed"[^}]*\} (\S+)$',
-                    text,
-                    re.MULTILINE,
-                )
-            )
+            drops = tagged(text, "ray_stageline_prediction_log_dropped_rows", "reason")
+            dropped = sum(v for reason, v in drops if reason == "write_failed")
+            drift = dict(tagged(text, "ray_stageline_drift_psi", "feature"))
         assert dropped == REQUESTS, f"{dropped} drops exported"
+        # The drift of what was scored (the figures monitor gives), per feature and score.
+        assert set(drift) == {*demo.model.features, "score"}, drift
+        assert all(value >= 0 for value in drift.values())
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=60) == 0, out.read_text()[-3000:]
+
+
+def tagged(text: str, metric: str, tag: str) -> list[tuple[str, float]]:
+    """``(value of tag, sample)`` of each series of ``metric`` (a counter's ``_total`` too)."""
+    found = re.findall(rf"^{metric}(?:_total)?\{{([^}}]*)\}} (\S+)$", text, re.MULTILINE)
+    out = []
+    for labels, value in found:
+        match = re.search(rf'{tag}="([^"]*)"', labels)
+        if match is not None:
+            out.append((match[1], float(value)))
+    return out

@@ -20,7 +20,7 @@ import stageline.predlog as predlog
 from serve_app.http import ApiKey
 from serve_app.router import make_router
 from stageline.pipeline import StageChain
-from stageline.predlog import PredictionLog, read_log
+from stageline.predlog import PredictionLog, read_log, scored_rows
 from stageline.service import ChainRunner, LoggedContract, ScoringService
 from stageline.spec import PipelineSpec
 from tests.conftest import GOOD_RECORD
@@ -41,7 +41,11 @@ class Server:
         self.spec = spec
         self.dropped: dict[str, int] = {}
         self.log = PredictionLog(
-            log_home, pipeline=spec.name, spec=spec.prediction_log, on_drop=self._count
+            log_home,
+            pipeline=spec.name,
+            spec=spec.prediction_log,
+            on_drop=self._count,
+            prepare=scored_rows,
         )
         chains = [
             StageChain(spec, [], home, validate=True),
