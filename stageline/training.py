@@ -82,12 +82,75 @@ def train(
     """
     started = time.perf_counter()
     training = training_spec(spec)
-    stage = model_stage(spec)
-    timestamp = as_of_field(spec)
     if training.label not in events.columns:
         raise SpecError(
             f"the events have no label column {training.label!r} (training.label in the spec)"
         )
+    train_rows, test_rows = split_by_time(spec, events)
+    (train_x, candidates), (test_x, _) = (
+        training_frame(spec, home, part) for part in (train_rows, test_rows)
+    )
+    return _fit(
+        spec, home, train_rows, test_rows, train_x, test_x, candidates,
+        alias=alias, seed=seed, rounds=rounds, description=description, started=started,
+    )  # fmt: skip
+
+
+def train_from_log(
+    spec: PipelineSpec,
+    logged: pd.DataFrame,
+    outcomes: pd.DataFrame,
+    home: Path,
+    *,
+    alias: str | None = None,
+    seed: int | None = None,
+    rounds: int | None = None,
+) -> Trained:
+    """Train on the prediction log joined with outcomes that arrived later: the features
+    the model saw at serving time are the training features (the serving version's, in
+    its order; categories encoded afresh on the training part), so what serving computed
+    (the online store's values, the transforms as they ran) is what the model learns
+    from. ``logged``: rows of the log (``stageline.predlog.read_log``); ``outcomes``: the
+    request's id field and ``training.label``. The last logged prediction of an id is
+    its row."""
+    started = time.perf_counter()
+    training = training_spec(spec)
+    id_field = spec.request.id_field
+    for column in (id_field, training.label):
+        if column not in outcomes.columns:
+            raise SpecError(f"the outcomes have no column {column!r}")
+    stage = model_stage(spec)
+    version_column = f"{stage.params.get('output') or 'score'}_version"
+    served = logged[logged[version_column].notna()] if version_column in logged else logged[:0]
+    if served.empty:
+        raise SpecError("the prediction log has no scored rows to train from")
+    latest = served.sort_values("logged_at", kind="stable").drop_duplicates(id_field, keep="last")
+    truth = outcomes[[id_field, training.label]].drop_duplicates(id_field, keep="last")
+    joined = latest.drop(columns=[training.label], errors="ignore").merge(truth, on=id_field)
+    if joined.empty:
+        raise SpecError(f"no logged prediction has an outcome (joined on {id_field!r})")
+    version = int(joined[version_column].max())
+    meta = LocalRegistry(home / "models").resolve(str(stage.params["model"]), version)
+    encoded = set(str(e["output"]) for e in meta.encoders.values())
+    candidates = [f for f in meta.features if f not in encoded]
+    missing = [f for f in candidates if f not in joined.columns]
+    if missing:
+        raise SpecError(f"the log lacks feature column(s) {missing} of {meta.name} v{version}")
+    train_rows, test_rows = split_by_time(spec, joined)
+    return _fit(
+        spec, home, train_rows, test_rows, train_rows, test_rows, candidates,
+        alias=alias, seed=seed, rounds=rounds, started=started,
+        description=(
+            f"{spec.name}: trained on {len(train_rows)} logged predictions of "
+            f"{meta.name} v{version} with their outcomes, held out the newest {len(test_rows)}"
+        ),
+    )  # fmt: skip
+
+
+def split_by_time(spec: PipelineSpec, events: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The older events to train on and the newest ``training.holdout`` to evaluate."""
+    training = training_spec(spec)
+    timestamp = as_of_field(spec)
     if timestamp not in events.columns:
         raise SpecError(f"the events have no event-time column {timestamp!r} (request.event_time)")
     ordered = events.sort_values(timestamp, kind="stable", ignore_index=True)
@@ -97,13 +160,31 @@ def train(
             f"{len(ordered)} events cannot be split {1 - training.holdout:.0%} to train, "
             f"{training.holdout:.0%} to evaluate"
         )
-    train_rows, test_rows = ordered.iloc[:cut], ordered.iloc[cut:]
+    return ordered.iloc[:cut], ordered.iloc[cut:]
+
+
+def _fit(
+    spec: PipelineSpec,
+    home: Path,
+    train_rows: pd.DataFrame,
+    test_rows: pd.DataFrame,
+    train_x: pd.DataFrame,
+    test_x: pd.DataFrame,
+    candidates: list[str],
+    *,
+    alias: str | None,
+    seed: int | None,
+    rounds: int | None,
+    description: str | None,
+    started: float,
+) -> Trained:
+    """Encode, train, evaluate on the held-out part and register: what every way of
+    training shares, once the features of each part are known."""
+    training = training_spec(spec)
+    stage = model_stage(spec)
+    timestamp = as_of_field(spec)
     binary = training.objective.startswith("binary:")
     y_train, y_test = (labels(part[training.label], binary) for part in (train_rows, test_rows))
-
-    (train_x, candidates), (test_x, _) = (
-        training_frame(spec, home, part) for part in (train_rows, test_rows)
-    )
     categorical = training.categorical
     if categorical is None:
         categorical = tuple(n for n, f in spec.request.fields.items() if f.type == "category")

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from stageline.context import resolve_home
-from stageline_cli.common import AddCommand, load, positive, spec_option
+from stageline_cli.common import AddCommand, CliError, load, positive, spec_option
 from stageline_cli.predict import read_records
 
 
@@ -26,7 +26,17 @@ def add_train(add: AddCommand) -> None:
         required=True,
         type=Path,
         help="labelled events (.parquet, .csv, .json or .jsonl): the request fields, "
-        "the event time and the label column",
+        "the event time and the label column; with --from-log, the outcomes: the "
+        "request's id field and the label",
+    )
+    train.add_argument(
+        "--from-log",
+        action="store_true",
+        help="train on the prediction log joined with --labels by id: the features the "
+        "model saw when serving are the training features",
+    )
+    train.add_argument(
+        "--since", help="with --from-log: predictions logged since (30d, 12h, or a time)"
     )
     train.add_argument(
         "--alias",
@@ -39,10 +49,19 @@ def add_train(add: AddCommand) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from stageline.training import train
+    from stageline.training import train, train_from_log
 
     spec, home = load(args), resolve_home(args.home)
-    events = read_records(args.labels)
-    trained = train(spec, events, home, alias=args.alias, seed=args.seed, rounds=args.rounds)
+    records = read_records(args.labels)
+    options = {"alias": args.alias, "seed": args.seed, "rounds": args.rounds}
+    if args.from_log:
+        from stageline.monitoring import logged, parse_since
+
+        since = parse_since(args.since) if args.since else None
+        trained = train_from_log(spec, logged(spec, home, since), records, home, **options)
+    else:
+        if args.since:
+            raise CliError("--since goes with --from-log")
+        trained = train(spec, records, home, **options)
     print(trained.summary())
     return 0

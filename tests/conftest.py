@@ -61,6 +61,14 @@ def demo_home(demo: DemoResult) -> Path:
     return demo.home
 
 
+@pytest.fixture
+def demo_copy(demo: DemoResult, tmp_path: Path) -> Path:
+    """A copy of the demo's home, this test's own: to register versions in, log to."""
+    copy = tmp_path / "home"
+    shutil.copytree(demo.home, copy)
+    return copy
+
+
 @pytest.fixture(scope="session")
 def fraud_pipeline(fraud_spec: PipelineSpec, demo_home: Path) -> Pipeline:
     return Pipeline(fraud_spec, demo_home)

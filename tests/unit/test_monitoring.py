@@ -24,10 +24,8 @@ from tests.conftest import FRAUD_SPEC
 
 
 @pytest.fixture
-def home(demo: DemoResult, tmp_path: Path) -> Path:
-    copy = tmp_path / "home"
-    shutil.copytree(demo.home, copy)
-    return copy
+def home(demo_copy: Path) -> Path:
+    return demo_copy
 
 
 def log_holdout(

@@ -4,7 +4,6 @@ spec, events or labels it cannot train from are refused with what to fix."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,8 @@ import pandas as pd
 import pytest
 
 from stageline.demo.train import EVENTS, DemoResult
+from stageline.pipeline import Pipeline
+from stageline.predlog import REQUEST_ID, PredictionLog, scored_rows
 from stageline.registry import LocalRegistry
 from stageline.spec import PipelineSpec, SpecError, load_spec
 from stageline.stage import StageError
@@ -21,11 +22,8 @@ from tests.conftest import FRAUD_SPEC, SMALL_DEMO
 
 
 @pytest.fixture
-def home(demo: DemoResult, tmp_path: Path) -> Path:
-    """A copy of the small demo's home, to register more versions in."""
-    copy = tmp_path / "home"
-    shutil.copytree(demo.home, copy)
-    return copy
+def home(demo_copy: Path) -> Path:
+    return demo_copy
 
 
 def test_train_on_the_demos_events_registers_a_challenger_as_good_as_the_champion(
@@ -116,3 +114,36 @@ def test_what_cannot_be_trained_is_refused_with_what_to_fix(home: Path) -> None:
         _spec(label="is_fraud", holdout=1.0)
     # Nothing was registered by any of them.
     assert LocalRegistry(home / "models").aliases("fraud") == {"champion": 1}
+
+
+def test_train_from_the_log_learns_from_the_features_serving_saw(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = load_spec(FRAUD_SPEC)
+    events = pd.read_parquet(home / EVENTS)
+    # Every event scored as serving scored it at its time, and logged; but an upstream
+    # bug doubled avg_amount_30d in what serving saw.
+    frame = Pipeline(spec, home, as_of=True)(events[list(spec.request.fields)])
+    frame[REQUEST_ID] = [f"r{i}" for i in range(len(frame))]
+    frame["avg_amount_30d"] = frame["avg_amount_30d"] * 2
+    log = PredictionLog(home, pipeline="fraud", spec=spec.prediction_log, prepare=scored_rows)
+    log.log(frame)
+    assert log.close()
+    outcomes = home / "outcomes.parquet"
+    events[["transaction_id", "is_fraud"]].to_parquet(outcomes)
+
+    argv = ["train", "--spec", str(FRAUD_SPEC), "--home", str(home), "--labels", str(outcomes)]
+    rounds = str(SMALL_DEMO["rounds"])
+    assert main([*argv, "--from-log", "--alias", "challenger", "--rounds", rounds]) == 0
+
+    assert "registered fraud v2 as fraud@challenger" in capsys.readouterr().out
+    registry = LocalRegistry(home / "models")
+    champion = registry.resolve("fraud", "champion")
+    challenger = registry.resolve("fraud", "challenger")
+    assert challenger.features == champion.features  # the serving version's features
+    assert challenger.metrics["n_train"] == champion.metrics["n_train"]
+    # It learned from what serving saw (the doubled values), not from the offline store.
+    trained, served = (m.profile["features"]["avg_amount_30d"] for m in (champion, challenger))
+    assert served["mean"] == pytest.approx(2 * trained["mean"])
+    assert abs(challenger.metrics["auc"] - champion.metrics["auc"]) <= 0.01
+    assert "logged predictions of fraud v1" in challenger.description
