@@ -31,6 +31,7 @@ from batch_app.manifest import MANIFEST, QUARANTINE, STAGED_DATA, STAGING
 from batch_app.run import Summary, run
 from stageline import Pipeline
 from stageline.demo.batch import transactions
+from stageline.predlog import read_log
 from stageline.spec import DATETIME_MAX, DATETIME_MIN, load_spec
 from tests.conftest import FRAUD_SPEC, SMALL_DEMO
 from tests.integration.serve_helpers import wait_for
@@ -360,6 +361,19 @@ def test_driver_killed_midway_then_rerun_leaves_complete_output_without_duplicat
     assert (again.files, again.rows_in) == (5, 250_000)
     assert (lost, duplicated) == (0, 0)
     assert not any((output / STAGING).iterdir())
+    # The prediction log: each scored row of the two committed runs once, nothing of the
+    # killed one (its rows were staged with its output, and went with it).
+    logged = read_log(home / "logs" / "fraud")
+    batch = logged[logged["request_id"].isin([first.run_id, again.run_id])]
+    assert len(batch) == first.rows_out + again.rows_out
+    assert batch["transaction_id"].is_unique
+    ran = {r["run_id"] for r in json.loads((output / MANIFEST).read_text())["runs"]}
+    assert ran == {first.run_id, again.run_id}
+    published = {
+        p.name.removeprefix("batch-").split("-part-")[0]
+        for p in (home / "logs" / "fraud").glob("date=*/batch-*.parquet")
+    }
+    assert published == ran
 
 
 def kill_run_outright(supervisor: subprocess.Popen[bytes], home: Path) -> None:
