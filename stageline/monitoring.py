@@ -373,9 +373,9 @@ def evaluate(
     label = label or (spec.training.label if spec.training else None)
     if label is None:
         raise SpecError("name the labels' column (--label), or set training.label in the spec")
-    for what, table, column in (("labels", truth, id_field), ("labels", truth, label)):
-        if column not in table.columns:
-            raise SpecError(f"the {what} have no column {column!r}")
+    for column in (id_field, label):
+        if column not in truth.columns:
+            raise SpecError(f"the labels have no column {column!r}")
     binary = (model_stage(spec).params.get("task") or "binary") == "binary"
     truth = truth[[id_field, label]].drop_duplicates(id_field, keep="last")
     ordered = frame.sort_values(TIME_COLUMN, kind="stable")

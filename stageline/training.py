@@ -24,6 +24,7 @@ import xgboost as xgb
 from stageline.context import as_of_field
 from stageline.features import OfflineStore, found_column
 from stageline.pipeline import build_stage
+from stageline.predlog import TIME_COLUMN
 from stageline.registry import LocalRegistry, ModelMetadata
 from stageline.spec import PipelineSpec, SpecError, StageSpec, resolve_class
 from stageline.spec_training import TrainingSpec
@@ -124,7 +125,7 @@ def train_from_log(
     served = logged[logged[version_column].notna()] if version_column in logged else logged[:0]
     if served.empty:
         raise SpecError("the prediction log has no scored rows to train from")
-    latest = served.sort_values("logged_at", kind="stable").drop_duplicates(id_field, keep="last")
+    latest = served.sort_values(TIME_COLUMN, kind="stable").drop_duplicates(id_field, keep="last")
     truth = outcomes[[id_field, training.label]].drop_duplicates(id_field, keep="last")
     joined = latest.drop(columns=[training.label], errors="ignore").merge(truth, on=id_field)
     if joined.empty:

@@ -63,9 +63,10 @@ def demo_home(demo: DemoResult) -> Path:
 
 @pytest.fixture
 def demo_copy(demo: DemoResult, tmp_path: Path) -> Path:
-    """A copy of the demo's home, this test's own: to register versions in, log to."""
+    """A copy of the demo's home, this test's own: to register versions in, log to. Its
+    prediction log starts empty (the session's servers log to the demo's home)."""
     copy = tmp_path / "home"
-    shutil.copytree(demo.home, copy)
+    shutil.copytree(demo.home, copy, ignore=shutil.ignore_patterns("logs", "reports"))
     return copy
 
 

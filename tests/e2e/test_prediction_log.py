@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -71,10 +70,9 @@ def env() -> dict[str, str]:
 
 @pytest.mark.parametrize("placement", ["local", "graph"])
 def test_sigterm_leaves_exactly_the_answered_predictions_in_the_log(
-    demo: DemoResult, tmp_path: Path, placement: str
+    demo_copy: Path, tmp_path: Path, placement: str
 ) -> None:
-    home = tmp_path / "home"
-    shutil.copytree(demo.home, home)
+    home = demo_copy  # its prediction log starts empty
     # Rows wait in memory for a minute: what is on disk after the stop, the stop wrote.
     spec = spec_with_log(tmp_path, flush_interval_s=600, flush_rows=100_000)
     port, metrics = free_port(), free_port()
@@ -101,10 +99,9 @@ def test_sigterm_leaves_exactly_the_answered_predictions_in_the_log(
 
 
 def test_an_unwritable_sink_fails_no_request_and_the_endpoint_shows_drops_and_drift(
-    demo: DemoResult, tmp_path: Path
+    demo: DemoResult, demo_copy: Path, tmp_path: Path
 ) -> None:
-    home = tmp_path / "home"
-    shutil.copytree(demo.home, home)
+    home = demo_copy  # its prediction log starts empty
     (tmp_path / "a-file").write_text("a file, not a folder: nothing can be written under it")
     spec = spec_with_log(tmp_path, uri=str(tmp_path / "a-file" / "logs"), flush_interval_s=0.2)
     port, metrics = free_port(), free_port()
