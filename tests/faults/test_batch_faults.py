@@ -304,7 +304,7 @@ def test_poison_rows_are_quarantined_with_reasons_and_the_run_completes(
 
 @pytest.mark.parametrize("own_ray", [False, True], ids=["on-the-cluster", "with-its-own-ray"])
 def test_driver_killed_midway_then_rerun_leaves_complete_output_without_duplicates(
-    ray_session: None, demo_home: Path, tmp_path: Path, own_ray: bool
+    ray_session: None, demo_copy: Path, tmp_path: Path, own_ray: bool
 ) -> None:
     """The nightly run is killed (SIGKILL, no cleanup) once it has staged its first batch,
     then run again: the output is complete and holds every row once. On a cluster
@@ -316,8 +316,7 @@ def test_driver_killed_midway_then_rerun_leaves_complete_output_without_duplicat
     source, output = tmp_path / "in", tmp_path / "out"
     frame = landing(source, 300_000, files=6)
     spec = small_batches(tmp_path / "spec")
-    home = tmp_path / "home"
-    shutil.copytree(demo_home, home)  # a run of its own records itself under the home
+    home = demo_copy  # a run of its own records itself, and logs, under the home
     (source / "part-5.parquet").rename(tmp_path / "later.parquet")  # arrives after run 1
 
     first = run(load_spec(spec), [str(source / "part-0.parquet")], output, home)
