@@ -6,16 +6,19 @@ Layout under ``output/``::
     _quarantine/run=<run_id>/part-*.parquet  rejected rows: original fields, stage, reason
     _manifest.json                           input files processed, the committed runs, and
                                              how they were scored (online or as-of)
-    _staging/<run_id>/{data,quarantine}/     a run being written (never read)
+    _staging/<run_id>/{data,quarantine,log}/ a run being written (never read)
     _lock                                    held by the run in progress
 
 A run writes everything under ``_staging/<run_id>/``, then commits by replacing
 the manifest (one atomic rename), then publishes by renaming its staging folders
-into place. Before anything else, every run reconciles the folder with the
-manifest: a committed run still in staging is published, an uncommitted one is
-deleted, and a published run the manifest does not list (after ``--full``) is
-removed. So a crash at any point leaves no partial or duplicated output, and the
-inputs of an uncommitted run are simply processed again next time.
+into place, and its rows for the prediction log (``log/``) into the log's folder, each
+file under a name of its own (``date=<day>/batch-<run_id>-part-*.parquet``), so that a
+publish repeated after a crash replaces what it had moved and never adds a copy.
+Before anything else, every run reconciles the folder with the manifest: a committed
+run still in staging is published, an uncommitted one is deleted, and a published run
+the manifest does not list (after ``--full``) is removed. So a crash at any point
+leaves no partial or duplicated output (nor log rows), and the inputs of an uncommitted
+run are simply processed again next time.
 
 One output holds one scoring mode: the online store's latest features, or
 features as of each row's event time (``--as-of``). An incremental run in the
@@ -33,9 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
+
 from batch_app.inputs import InputFile
 from stageline._io import atomic_write_bytes
 from stageline.context import AS_OF_FEATURES
+from stageline.predlog import PARTITION
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +53,9 @@ STAGED_DATA = "data"
 """Under ``_staging/<run_id>/``: the scored rows, published as ``run=<run_id>``."""
 STAGED_QUARANTINE = "quarantine"
 """Under ``_staging/<run_id>/``: the rejected rows, published under ``_quarantine``."""
+STAGED_LOG = "log"
+"""Under ``_staging/<run_id>/``: the scored rows with every column, published into the
+prediction log the run's manifest entry names (``log``)."""
 ONLINE = "online"
 """Scoring mode: features from the online store (latest values)."""
 AS_OF = "as-of"
@@ -110,11 +119,13 @@ class Manifest:
 def reconcile(output: Path, manifest: Manifest) -> None:
     """Make the published folders match the manifest (see the module docstring)."""
     committed = manifest.run_ids()
+    logs = {str(r["run_id"]): r.get("log") for r in manifest.runs}
     staging_root = output / STAGING
     if staging_root.exists():
         for staged in sorted(staging_root.iterdir()):
             if staged.name in committed:
                 _publish(output, staged)
+                _publish_log(staged, logs.get(staged.name))
             else:
                 log.warning("removing the output of an unfinished run: %s", staged)
             shutil.rmtree(staged, ignore_errors=True)
@@ -124,6 +135,30 @@ def reconcile(output: Path, manifest: Manifest) -> None:
         for published in parent.glob("run=*"):
             if published.name.removeprefix("run=") not in committed:
                 shutil.rmtree(published, ignore_errors=True)
+
+
+def _publish_log(staged: Path, location: str | None) -> None:
+    """Move the run's staged log files into the prediction log at ``location``, under
+    the run's day, one name per file: moved again after a crash, a file replaces itself."""
+    source = staged / STAGED_LOG
+    if location is None or not source.exists():
+        return
+    day = f"{staged.name[:4]}-{staged.name[4:6]}-{staged.name[6:8]}"  # run ids start YYYYMMDD
+    for part in sorted(source.glob("part-*.parquet")):
+        name = f"batch-{staged.name}-{part.name}"
+        if "://" in location:
+            fs, root = pafs.FileSystem.from_uri(location)
+            target = f"{root.rstrip('/')}/{PARTITION}={day}"
+            fs.create_dir(target, recursive=True)
+            pafs.copy_files(str(part), f"{target}/{name}", destination_filesystem=fs)
+            part.unlink()
+        else:
+            folder = Path(location) / f"{PARTITION}={day}"
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f".{name}.tmp"
+            shutil.copyfile(part, tmp)  # the log may be on another filesystem than the output
+            os.replace(tmp, folder / name)
+            part.unlink()
 
 
 def _publish(output: Path, staged: Path) -> None:

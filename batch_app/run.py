@@ -36,6 +36,7 @@ from batch_app.write import Writers
 from stageline.context import AS_OF_FEATURES, as_of_field, resolve_home
 from stageline.features import StoreUnavailableError
 from stageline.localray import local_ray_options
+from stageline.predlog import log_location
 from stageline.spec import PipelineSpec, load_spec
 
 __all__ = [
@@ -153,7 +154,12 @@ def _run(
         return Summary(None, 0, 0, 0, 0.0, 0, str(out), skipped_files=len(files), as_of=as_of)
 
     run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
-    writer = Writers(spec, out / STAGING / run_id, run_id)
+    log = (
+        log_location(resolve_home(home), spec.name, spec.prediction_log)
+        if spec.prediction_log.enabled
+        else None
+    )
+    writer = Writers(spec, out / STAGING / run_id, run_id, log)
     dataset = build_dataset(
         spec, [f.path for f in new], resolve_home(home), writer.columns(), as_of=as_of
     )
@@ -206,6 +212,7 @@ def _commit(out: Path, manifest: Manifest, writer: Writers, files: list[InputFil
             "rows_quarantined": writer.rows_quarantined,
             "files": [f.path for f in files],
             "models": sorted(writer.models),
+            "log": writer.log,
         }
     )
     manifest.save(out)

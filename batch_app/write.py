@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batch_app.manifest import STAGED_DATA, STAGED_QUARANTINE
+from batch_app.manifest import STAGED_DATA, STAGED_LOG, STAGED_QUARANTINE
 from stageline.outputs import OutputContract
 from stageline.spec import PipelineSpec
 from stageline.stage import ERROR_COLUMN, split_error
@@ -31,9 +31,17 @@ ROWS_PER_FILE = 1_000_000
 class Writers:
     """Split each pipeline batch into scored rows and quarantined rows; write both."""
 
-    def __init__(self, spec: PipelineSpec, staging: Path, run_id: str) -> None:
+    def __init__(
+        self, spec: PipelineSpec, staging: Path, run_id: str, log: str | None = None
+    ) -> None:
+        """``log``: the prediction log's location, where the scored rows (every column the
+        stages gave) go once the run is committed; None: not logged."""
         self.spec = spec
         self.run_id = run_id
+        self.log = log
+        self.log_parts = 0
+        self.log_folder = staging / STAGED_LOG
+        self.logged_at = pa.scalar(datetime.now(timezone.utc), pa.timestamp("us", tz="UTC"))
         self.id_field = spec.request.id_field
         self.fields = list(spec.request.fields)
         self.contract = OutputContract(spec)
@@ -57,8 +65,11 @@ class Writers:
             ]
         )
 
-    def columns(self) -> list[str]:
-        """What the writer reads of the pipeline's output."""
+    def columns(self) -> list[str] | None:
+        """What the writer reads of the pipeline's output: None, all of it, when the run's
+        predictions are logged (the features the model received among them)."""
+        if self.log is not None:
+            return None
         wanted = [self.id_field, *self.fields, *self.contract.columns, ERROR_COLUMN, RAW_COLUMN]
         return list(dict.fromkeys(wanted))
 
@@ -73,6 +84,8 @@ class Writers:
             good = batch
         if good.num_rows:
             self._write_good(good)
+            if self.log is not None:
+                self._write_log(good)
 
     def _write_good(self, good: pa.Table) -> None:
         """Arrow to Arrow: scored rows never become Python objects on the driver."""
@@ -99,6 +112,17 @@ class Writers:
             for r in served.aggregate([]).to_pylist()
             if r["model_name"] is not None
         )
+
+    def _write_log(self, good: pa.Table) -> None:
+        """The scored rows as the prediction log keeps them (every column but the internal
+        ``_`` ones), the run as their request id, one staged file per batch."""
+        n = good.num_rows
+        table = good.select([c for c in good.column_names if not c.startswith("_")])
+        table = table.append_column("request_id", pa.repeat(pa.scalar(self.run_id), n))
+        table = table.append_column("logged_at", pa.repeat(self.logged_at, n))
+        self.log_folder.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, self.log_folder / f"part-{self.log_parts:05d}.parquet")
+        self.log_parts += 1
 
     def _write_bad(self, bad: pd.DataFrame) -> None:
         n = len(bad)

@@ -170,8 +170,9 @@ class PipelineSpec(SpecModel):
     batch: BatchAppSpec = BatchAppSpec()
     """Options of batch runs."""
     prediction_log: PredictionLogSpec = PredictionLogSpec()
-    """Where every online prediction is recorded (request id, time, the request's fields,
-    the features the model received, model, outputs, latency), off the request path."""
+    """Where every prediction is recorded (request id, time, the request's fields, the
+    features the model received, model, outputs; latency online), online off the request
+    path, in batch once per committed run."""
     training: TrainingSpec | None = None
     """How ``stageline train`` trains the model stage's model from labelled events; none:
     the model is trained elsewhere and registered."""

@@ -11,18 +11,19 @@ from stageline.spec_base import SpecModel
 
 
 class PredictionLogSpec(SpecModel):
-    """Every online prediction written to a partitioned parquet dataset, off the request
-    path: a slow or failing sink drops and counts rows, never a request."""
+    """Every prediction written to a partitioned parquet dataset: online, off the request
+    path (a slow or failing sink drops and counts rows, never a request); in batch, each
+    committed run's scored rows, once."""
 
     enabled: bool = True
-    """Log predictions at all."""
+    """Log predictions at all (online and batch)."""
     uri: str | None = None
     """Where the dataset goes. ``null``: ``<home>/logs/<pipeline>``. Else a local path
     (a relative one is taken from the home) or a URI that ``pyarrow`` understands, such
     as ``s3://bucket/prefix``. Files land in ``date=YYYY-MM-DD/`` folders beneath it."""
     sample: float = Field(default=1.0, ge=0, le=1)
     """Share of online predictions logged, chosen by request id, so a request is either
-    logged whole or not at all."""
+    logged whole or not at all. Batch runs log every scored row."""
     max_buffered_rows: int = Field(default=100_000, ge=1)
     """Most rows held in memory, waiting for or being written. Past it the rows of a new
     prediction are dropped and counted: memory stays bounded however slow the sink."""

@@ -31,6 +31,7 @@ from batch_app.manifest import MANIFEST, QUARANTINE, STAGED_DATA, STAGING
 from batch_app.run import Summary, run
 from stageline import Pipeline
 from stageline.demo.batch import transactions
+from stageline.predlog import read_log
 from stageline.spec import DATETIME_MAX, DATETIME_MIN, load_spec
 from tests.conftest import FRAUD_SPEC, SMALL_DEMO
 from tests.integration.serve_helpers import wait_for
@@ -303,7 +304,7 @@ def test_poison_rows_are_quarantined_with_reasons_and_the_run_completes(
 
 @pytest.mark.parametrize("own_ray", [False, True], ids=["on-the-cluster", "with-its-own-ray"])
 def test_driver_killed_midway_then_rerun_leaves_complete_output_without_duplicates(
-    ray_session: None, demo_home: Path, tmp_path: Path, own_ray: bool
+    ray_session: None, demo_copy: Path, tmp_path: Path, own_ray: bool
 ) -> None:
     """The nightly run is killed (SIGKILL, no cleanup) once it has staged its first batch,
     then run again: the output is complete and holds every row once. On a cluster
@@ -315,8 +316,7 @@ def test_driver_killed_midway_then_rerun_leaves_complete_output_without_duplicat
     source, output = tmp_path / "in", tmp_path / "out"
     frame = landing(source, 300_000, files=6)
     spec = small_batches(tmp_path / "spec")
-    home = tmp_path / "home"
-    shutil.copytree(demo_home, home)  # a run of its own records itself under the home
+    home = demo_copy  # a run of its own records itself, and logs, under the home
     (source / "part-5.parquet").rename(tmp_path / "later.parquet")  # arrives after run 1
 
     first = run(load_spec(spec), [str(source / "part-0.parquet")], output, home)
@@ -360,6 +360,19 @@ def test_driver_killed_midway_then_rerun_leaves_complete_output_without_duplicat
     assert (again.files, again.rows_in) == (5, 250_000)
     assert (lost, duplicated) == (0, 0)
     assert not any((output / STAGING).iterdir())
+    # The prediction log: each scored row of the two committed runs once, nothing of the
+    # killed one (its rows were staged with its output, and went with it).
+    logged = read_log(home / "logs" / "fraud")
+    batch = logged[logged["request_id"].isin([first.run_id, again.run_id])]
+    assert len(batch) == first.rows_out + again.rows_out
+    assert batch["transaction_id"].is_unique
+    ran = {r["run_id"] for r in json.loads((output / MANIFEST).read_text())["runs"]}
+    assert ran == {first.run_id, again.run_id}
+    published = {
+        p.name.removeprefix("batch-").split("-part-")[0]
+        for p in (home / "logs" / "fraud").glob("date=*/batch-*.parquet")
+    }
+    assert published == ran
 
 
 def kill_run_outright(supervisor: subprocess.Popen[bytes], home: Path) -> None:

@@ -21,6 +21,7 @@ from batch_app.manifest import (
     MANIFEST,
     QUARANTINE,
     STAGED_DATA,
+    STAGED_LOG,
     STAGED_QUARANTINE,
     STAGING,
 )
@@ -29,6 +30,7 @@ from batch_app.run import Summary, run
 from stageline import Pipeline
 from stageline.demo.batch import BAD_KINDS, transactions
 from stageline.features import StoreUnavailableError
+from stageline.predlog import read_log
 from stageline.spec import PipelineSpec
 from stageline_cli import main
 from tests.conftest import FRAUD_SPEC, SMALL_DEMO, RedisServer
@@ -139,10 +141,11 @@ def _runs(output: Path) -> list[str]:
     return sorted(p.name for p in output.glob("run=*"))
 
 
-def leave_as_killed(output: Path, run_id: str, manifest: bytes | None = None) -> None:
+def leave_as_killed(output: Path, run_id: str, log: Path, manifest: bytes | None = None) -> None:
     """Turn ``output``, after run ``run_id`` completed, into what that run leaves when it
     is killed (SIGKILL: nothing of it runs after) once its output is staged: its
-    published folders moved back under ``_staging/<run_id>/``, as its writer left them.
+    published folders, and its files in the prediction log at ``log``, moved back under
+    ``_staging/<run_id>/``, as its writer left them.
     ``manifest``: the manifest from before the run, put back, for a kill before the
     commit; without it, the run stays committed (a kill between commit and publish).
 
@@ -155,6 +158,9 @@ def leave_as_killed(output: Path, run_id: str, manifest: bytes | None = None) ->
     rejected = output / QUARANTINE / f"run={run_id}"
     if rejected.exists():
         rejected.rename(staged / STAGED_QUARANTINE)
+    (staged / STAGED_LOG).mkdir()
+    for part in log.glob(f"date=*/batch-{run_id}-part-*.parquet"):
+        part.rename(staged / STAGED_LOG / part.name.removeprefix(f"batch-{run_id}-"))
     if manifest is not None:
         (output / MANIFEST).write_bytes(manifest)
 
@@ -172,6 +178,13 @@ def test_incremental_runs_crashes_and_full(
     def go(full: bool = False) -> Summary:
         return run(fraud_spec, source, output, demo_home, full=full)
 
+    log = demo_home / "logs" / "fraud"  # the session's home: other tests log there too
+
+    def batch_log(*runs: Summary) -> pd.DataFrame:
+        """The prediction log's rows of these runs."""
+        rows = read_log(log)
+        return rows[rows["request_id"].isin([r.run_id for r in runs])]
+
     add("a", slice(0, 300))
     first = go()
     assert (first.rows_in, first.files) == (300, 1)
@@ -181,7 +194,7 @@ def test_incremental_runs_crashes_and_full(
     before = (output / MANIFEST).read_bytes()
     killed = go()
     assert killed.run_id is not None
-    leave_as_killed(output, killed.run_id, manifest=before)
+    leave_as_killed(output, killed.run_id, log, manifest=before)
     assert _runs(output) == [f"run={first.run_id}"], "a killed run published nothing"
     assert any((output / STAGING).iterdir())
     assert len(scored(output)) == 300
@@ -199,7 +212,7 @@ def test_incremental_runs_crashes_and_full(
     add("c", slice(500, 600))
     third = go()
     assert third.run_id is not None
-    leave_as_killed(output, third.run_id)
+    leave_as_killed(output, third.run_id, log)
     assert len(_runs(output)) == 2
     nothing = go()
     assert nothing.run_id is None
@@ -216,6 +229,14 @@ def test_incremental_runs_crashes_and_full(
         "c.parquet",
     ]
     assert sum(r["rows_in"] for r in manifest["runs"]) == 600
+    # The prediction log holds every scored row of the committed runs once, with the
+    # features the model received; the run killed before its commit logged nothing.
+    logged = batch_log(first, killed, second, third)
+    assert len(logged) == 600
+    assert logged["transaction_id"].is_unique
+    assert set(logged["request_id"]) == {first.run_id, second.run_id, third.run_id}
+    assert logged["avg_amount_30d"].notna().all()
+    assert (logged["model_name"] == "fraud").all()
 
     # --full: everything again, into a fresh output.
     full = go(full=True)
