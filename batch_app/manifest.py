@@ -36,12 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from batch_app.inputs import InputFile
 from stageline._io import atomic_write_bytes
 from stageline.context import AS_OF_FEATURES
-from stageline.predlog import PARTITION
+from stageline.predlog import PARTITION, log_filesystem, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -143,22 +143,12 @@ def _publish_log(staged: Path, location: str | None) -> None:
     source = staged / STAGED_LOG
     if location is None or not source.exists():
         return
+    fs, root = log_filesystem(location)  # the log may be on another filesystem or a store
     day = f"{staged.name[:4]}-{staged.name[4:6]}-{staged.name[6:8]}"  # run ids start YYYYMMDD
     for part in sorted(source.glob("part-*.parquet")):
-        name = f"batch-{staged.name}-{part.name}"
-        if "://" in location:
-            fs, root = pafs.FileSystem.from_uri(location)
-            target = f"{root.rstrip('/')}/{PARTITION}={day}"
-            fs.create_dir(target, recursive=True)
-            pafs.copy_files(str(part), f"{target}/{name}", destination_filesystem=fs)
-            part.unlink()
-        else:
-            folder = Path(location) / f"{PARTITION}={day}"
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = folder / f".{name}.tmp"
-            shutil.copyfile(part, tmp)  # the log may be on another filesystem than the output
-            os.replace(tmp, folder / name)
-            part.unlink()
+        target = f"{root}/{PARTITION}={day}/batch-{staged.name}-{part.name}"
+        write_parquet(fs, target, pq.read_table(part))
+        part.unlink()
 
 
 def _publish(output: Path, staged: Path) -> None:

@@ -414,7 +414,7 @@ class PredictionLog:
 
     def _write_file(self, day: str, table: pa.Table) -> None:
         if self._fs is None:
-            self._fs, self._root = _filesystem(self.location)
+            self._fs, self._root = log_filesystem(self.location)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         path = f"{self._root}/{PARTITION}={day}/part-{stamp}-{uuid.uuid4().hex}.parquet"
         write_parquet(self._fs, path, table)
@@ -439,7 +439,8 @@ def write_parquet(fs: Any, path: str, table: pa.Table) -> None:
         raise
 
 
-def _filesystem(location: str) -> tuple[Any, str]:
+def log_filesystem(location: str) -> tuple[Any, str]:
+    """The filesystem and root folder of a log location (a local path or a URI)."""
     if "://" in location:
         fs, root = pafs.FileSystem.from_uri(location)
         return fs, root.rstrip("/")
@@ -469,7 +470,7 @@ def read_log(location: str | Path, since: datetime | None = None) -> pd.DataFram
     logged at or after it are kept. Rows come in the order their files were written;
     list columns come back as Python lists. A log never written to reads as empty.
     """
-    fs, root = _filesystem(str(location))
+    fs, root = log_filesystem(str(location))
     since_utc = None
     if since is not None:
         since_utc = (
