@@ -124,14 +124,15 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[dict[str, Any]] = []
     stage_serve = 0.0
-    for stage in spec.stages:
-        serve_ms = measured.get((SERVE_METRIC, stage.name))
-        in_replica = measured.get((STAGE_METRIC, stage.name))
-        if serve_ms is None or in_replica is None:
+    for segment in spec.with_placement("graph").segments():  # a stage, or a fused group
+        serve_ms = measured.get((SERVE_METRIC, segment.name))
+        in_replica = measured.get((STAGE_METRIC, segment.name))
+        if segment.inline or serve_ms is None or in_replica is None:
             continue
         stage_serve += serve_ms
+        in_process = sum(alone[stage] for stage in segment.stages)
         rows.append(
-            {"part": stage.name, "in_process_ms": alone[stage.name], "work_ms": in_replica,
+            {"part": segment.name, "in_process_ms": in_process, "work_ms": in_replica,
              "replica_ms": serve_ms, "around_ms": serve_ms - in_replica}
         )  # fmt: skip
     ingress = measured.get((SERVE_METRIC, "ingress"), float("nan"))

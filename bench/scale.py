@@ -185,7 +185,8 @@ def parse_steps(text: str) -> tuple[Step, ...]:
 
 def scale_spec(work: Path, plan: Plan) -> Path:
     """The shipped spec in the ``graph`` placement with this run's scaling
-    (:data:`SCALING`, :data:`INGRESS`, the delays), written to ``work``."""
+    (:data:`SCALING`, :data:`INGRESS`, the delays), every stage a deployment of its
+    own, written to ``work``."""
     data = yaml.safe_load((ROOT / DEFAULT_SPEC).read_text())
     delays = {"upscale_delay_s": plan.upscale_delay_s, "downscale_delay_s": plan.downscale_delay_s}
     for stage in data["stages"]:
@@ -196,6 +197,9 @@ def scale_spec(work: Path, plan: Plan) -> Path:
     serve["placement"] = "graph"
     serve.setdefault("ingress", {})["num_cpus"] = INGRESS["num_cpus"]
     serve.setdefault("graph", {})["ingress"] = {**INGRESS["autoscaling"], **delays}
+    # Every stage a deployment of its own (not the shipped spec's fused groups): the run
+    # shows each stage following its own cost.
+    serve["graph"]["fuse"] = []
     path = work / "fraud-scale.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     load_spec(path)  # a tweak the spec refuses fails here, not in the cluster

@@ -14,6 +14,14 @@ first of them would run alone, and the rest queue behind it for a whole run. So 
 batch smaller than the last one waits up to ``regroup_ms`` for as many as the last had.
 A caller alone (the last batch was one) never waits.
 
+With ``in_flight`` above 1, a further batch starts beside those running only when a
+full batch waits: ``max_size`` callers, or with ``weight`` (the ingress: a request's
+records) that much weight. Below that the callers wait for the running batch and go
+together in the next: every batch pays the stages' fixed cost (in a graph, a call to
+each stage deployment) once, so on CPUs the stages share, one big batch beats several
+small ones at once. Past a full batch, batches overlap: one can be in the model stage
+while the next is in the feature stage.
+
 Plain asyncio: the scoring service and the stage deployments both use it.
 """
 
@@ -46,7 +54,8 @@ class BatchOverrides(BaseModel):
 
 class Merger(Generic[T, R]):
     """``await merger(item)``: ``run`` is called on a list of concurrent items and returns
-    one result per item, in order. At most ``in_flight`` runs at a time; a run waits up to
+    one result per item, in order. At most ``in_flight`` runs at a time, and a run starts
+    beside another only with ``max_size`` items (or weight) waiting; a run waits up to
     ``wait_ms`` for more items while it has fewer than ``max_size``, and up to
     ``regroup_ms`` while it has fewer than the previous run had.
 
@@ -61,8 +70,10 @@ class Merger(Generic[T, R]):
         wait_ms: float = 0.0,
         regroup_ms: float = 0.0,
         in_flight: int = 1,
+        weight: Callable[[T], int] | None = None,
     ) -> None:
         self.run = run
+        self.weight = weight
         self.max_size = max_size
         self.wait_s = wait_ms / 1000
         self.regroup_s = regroup_ms / 1000
@@ -93,7 +104,9 @@ class Merger(Generic[T, R]):
     async def _form(self) -> None:
         while True:
             await self._slots.acquire()
-            while not self._live():
+            # Nothing queued, or a run going and less than a full batch queued: wait
+            # (for an arrival, or for a run to end).
+            while not self._live() or (self._running and not self._full()):
                 self._arrived.clear()
                 await self._arrived.wait()
             if self.wait_s > 0 and len(self._queue) < self.max_size:
@@ -124,6 +137,12 @@ class Merger(Generic[T, R]):
             except TimeoutError:
                 return
 
+    def _full(self) -> bool:
+        """Whether a full batch waits: ``max_size`` items, or that much weight."""
+        if len(self._queue) >= self.max_size or self.weight is None:
+            return len(self._queue) >= self.max_size
+        return sum(self.weight(item) for item, _ in self._queue) >= self.max_size
+
     def _live(self) -> bool:
         """Whether a caller still waits in the queue (cancelled ones are dropped)."""
         while self._queue and self._queue[0][1].done():
@@ -145,4 +164,6 @@ class Merger(Generic[T, R]):
                 if not future.done():
                     future.set_exception(e)
         finally:
+            self._running.discard(asyncio.current_task())
             self._slots.release()
+            self._arrived.set()  # a batch waiting for this one to end may start

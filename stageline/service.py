@@ -219,6 +219,7 @@ class ScoringService:
                 wait_ms=batching.wait_ms,
                 regroup_ms=batching.regroup_ms,
                 in_flight=spec.serve.ingress.in_flight,
+                weight=len,  # a request's records: big requests fill a batch sooner
             )
 
     async def score(self, rows: list[Record], request_id: str | None = None) -> list[Record]:

@@ -195,12 +195,13 @@ class PipelineSpec(SpecModel):
                     f"stage names must be unique; {name!r} is already stages[{names.index(name)}]",
                 )
         order = {n: i for i, n in enumerate(names)}
-        seen = _check_fuse("serve", self.serve.fuse, names)
+        fused = _check_fuse(("serve",), self.serve.fuse, names)
+        graph_fused = _check_fuse(("serve", "graph"), self.serve.graph.fuse, names)
         if self.batch.fuse != "all":
-            _check_fuse("batch", self.batch.fuse, names)
-        for where, inline in (
-            (("serve", "inline"), self.serve.inline or ()),
-            (("serve", "graph", "inline"), self.serve.graph.inline),
+            _check_fuse(("batch",), self.batch.fuse, names)
+        for where, inline, seen in (
+            (("serve", "inline"), self.serve.inline or (), fused),
+            (("serve", "graph", "inline"), self.serve.graph.inline, graph_fused),
         ):
             for i, name in enumerate(inline):
                 if name not in order:
@@ -276,10 +277,11 @@ class PipelineSpec(SpecModel):
     def segments(self) -> list[Segment]:
         """Where the deployment boundaries fall: one segment per stage, a fused group,
         or a run of adjacent inline stages. Placement never changes what is computed."""
-        inline = self.serve.inline
         if self.serve.placement == "graph":
-            inline = self.serve.graph.inline
-        elif inline is None:
+            graph = self.serve.graph
+            return _fused_segments(self.stages, graph.fuse, graph.inline)
+        inline = self.serve.inline
+        if inline is None:
             fused = {n for group in self.serve.fuse for n in group}
             inline = tuple(s.name for s in self.stages if s.name not in fused)
         return _fused_segments(self.stages, self.serve.fuse, inline)
@@ -307,12 +309,15 @@ def _fused_segments(
     return out
 
 
-def _check_fuse(section: str, fuse: Sequence[Sequence[str]], names: list[str]) -> set[str]:
+def _check_fuse(
+    location: tuple[str, ...], fuse: Sequence[Sequence[str]], names: list[str]
+) -> set[str]:
     """Every group a run of adjacent, known stages, no stage twice; the stages fused."""
     order = {n: i for i, n in enumerate(names)}
     seen: set[str] = set()
+    section = ".".join(location)
     for g, group in enumerate(fuse):
-        where = (section, "fuse", g)
+        where: tuple[str | int, ...] = (*location, "fuse", g)
         unknown = [n for n in group if n not in order]
         if unknown:
             raise LocatedError(

@@ -111,12 +111,12 @@ class IngressSpec(SpecModel):
     (inline or behind a handle) runs once per batch, not once per request. With
     ``wait_ms: 0`` nobody waits: a batch is whatever arrived while the last one ran."""
     in_flight: int = Field(default=1, ge=1)
-    """Batches one ingress replica has going through the stages at once. 1: the next
-    batch forms while this one runs, so batches grow with the load. More lets stage
-    deployments work on several batches at once, which pays only where they have CPUs of
-    their own: where stages share a node's CPUs, batches in flight compete for them and
-    come out smaller (``python -m bench.online`` compares settings on your hardware).
-    Stages placed inline run one batch at a time anyway."""
+    """Most batches one ingress replica has going through the stages at once. 1: the
+    next batch forms while this one runs, so batches grow with the load. More lets stage
+    deployments work on several batches at once; a batch goes beside those running only
+    once a full one waits (``batch.max_size`` requests, or as many records), so below
+    that batches grow as with 1 and each pays the calls to the stages once. Stages
+    placed inline run one batch at a time anyway."""
 
 
 Placement = Literal["local", "graph"]
@@ -134,13 +134,18 @@ class GraphSpec(SpecModel):
     )
     """The ingress's autoscaling in the graph (in place of ``serve.ingress.autoscaling``)."""
     in_flight: int = Field(default=4, ge=1)
-    """Batches one ingress replica has going down the graph at once (in place of
-    ``serve.ingress.in_flight``): while one is in the model stage, the next is in the
-    feature stage."""
+    """Most batches one ingress replica has going down the graph at once (in place of
+    ``serve.ingress.in_flight``): past a full batch waiting, while one is in the model
+    stage, the next is in the feature stage."""
     inline: tuple[str, ...] = ()
     """Stages that run inside the ingress replicas in the graph too (in place of
     ``serve.inline``): stages too cheap to be worth a hop of their own. They scale with
     the ingress. Default: none, every stage a deployment of its own."""
+    fuse: tuple[tuple[str, ...], ...] = ()
+    """Groups of adjacent stages that share one deployment in the graph (in place of
+    ``serve.fuse``): a cheap stage rides with its neighbour instead of costing every
+    batch a call of its own. A group takes the ``serve:`` options of its first stage and
+    is named ``first+last``. Default: none, every stage a deployment of its own."""
 
 
 class ServeAppSpec(SpecModel):

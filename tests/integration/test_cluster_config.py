@@ -86,14 +86,19 @@ def test_overrides_name_deployments_that_build_app_creates(
 def test_the_config_ships_the_graph_and_every_deployment_autoscales(
     app_config: ServeApplicationSchema,
 ):
-    """What a cluster runs: every stage its own deployment, each with room to scale,
-    the stages on their busy time (an override replaces the spec's autoscaling whole,
-    so the policy must be in it), the ingress from one replica."""
+    """What a cluster runs: every deployment of the graph (a stage, or a group the spec
+    fuses) with room to scale, the stages on their busy time (an override replaces the
+    spec's autoscaling whole, so the policy must be in it), the ingress from one replica.
+    The model and the feature lookup scale apart."""
     from serve_app.autoscaling import POLICY
 
     assert app_config.args["placement"] == "graph"
-    spec = load_spec(ROOT / app_config.args["spec"])
-    assert {d.name for d in app_config.deployments} == {"ingress", *(s.name for s in spec.stages)}
+    spec = load_spec(ROOT / app_config.args["spec"]).with_placement("graph")
+    segments = {s.name: s.stages for s in spec.segments()}
+    assert not any(s.inline for s in spec.segments())
+    assert {d.name for d in app_config.deployments} == {"ingress", *segments}
+    (model,) = (name for name, stages in segments.items() if "model" in stages)
+    assert "features" not in segments[model]
     for deployment in app_config.deployments:
         auto = override(app_config, deployment.name)["autoscaling_config"]
         assert auto["min_replicas"] < auto["max_replicas"], deployment.name
@@ -103,8 +108,8 @@ def test_the_config_ships_the_graph_and_every_deployment_autoscales(
             assert policy is None
         else:
             assert policy == POLICY, deployment.name
-    model = override(app_config, "model")["autoscaling_config"]["max_replicas"]
-    assert model == max(
+    most = override(app_config, model)["autoscaling_config"]["max_replicas"]
+    assert most == max(
         override(app_config, d.name)["autoscaling_config"]["max_replicas"]
         for d in app_config.deployments
     )

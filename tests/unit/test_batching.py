@@ -74,6 +74,45 @@ def test_batches_respect_max_size_and_in_flight() -> None:
     asyncio.run(main())
 
 
+def test_a_second_batch_goes_beside_the_running_one_only_when_it_is_full() -> None:
+    async def main() -> None:
+        run = Recorder()
+        merger = Merger(run, max_size=4, in_flight=2)
+        tasks = [asyncio.create_task(merger(0))]
+        await settle()
+        tasks += [asyncio.create_task(merger(i)) for i in (1, 2)]
+        await settle()
+        assert run.batches == [[0]]  # two waiting: they wait for the next batch, together
+        tasks += [asyncio.create_task(merger(i)) for i in (3, 4)]
+        await settle()
+        assert run.batches == [[0], [1, 2, 3, 4]]  # a full batch goes at once
+        tasks.append(asyncio.create_task(merger(5)))
+        await settle()
+        run.release.set()
+        assert await asyncio.gather(*tasks) == [i * 10 for i in range(6)]
+        assert run.batches == [[0], [1, 2, 3, 4], [5]]  # and the rest when one ends
+
+    asyncio.run(main())
+
+
+def test_with_a_weight_a_few_heavy_callers_fill_a_batch() -> None:
+    async def main() -> None:
+        run = Recorder()
+        merger = Merger(run, max_size=10, in_flight=2, weight=lambda item: item)
+        tasks = [asyncio.create_task(merger(1))]
+        await settle()
+        tasks.append(asyncio.create_task(merger(4)))
+        await settle()
+        assert run.batches == [[1]]  # weight 4 waiting: not a full batch
+        tasks.append(asyncio.create_task(merger(6)))
+        await settle()
+        assert run.batches == [[1], [4, 6]]  # weight 10: it goes beside the first
+        run.release.set()
+        assert await asyncio.gather(*tasks) == [10, 40, 60]
+
+    asyncio.run(main())
+
+
 def test_an_error_reaches_every_caller_of_its_batch_and_the_next_batch_runs() -> None:
     async def main() -> None:
         calls: list[list[str]] = []

@@ -48,6 +48,7 @@ def own_spec(folder: Path, outputs: list[dict[str, Any]] | None) -> PipelineSpec
     data = yaml.safe_load(FRAUD_SPEC.read_text())
     data["stages"][-1] = {"name": "minutes", "uses": "minutes.py:Minutes"}
     data["serve"]["inline"] = [s["name"] for s in data["stages"]]
+    data["serve"]["graph"]["fuse"] = [["features", "transform"], ["model", "minutes"]]
     if outputs is not None:
         data["outputs"] = outputs
     path = folder / "eta.yaml"

@@ -508,8 +508,11 @@ def test_graph_placement_runs_no_stage_inline_and_takes_its_ingress_options() ->
     assert local.serve.placement == "local"
     graph = local.with_placement("graph")
 
+    # Each cheap stage rides with its neighbour (serve.graph.fuse): the feature lookup
+    # and the model in deployments of their own.
     assert [(s.stages, s.inline) for s in graph.segments()] == [
-        ((n,), False) for n in ("features", "transform", "model", "postprocess")
+        (("features", "transform"), False),
+        (("model", "postprocess"), False),
     ]
     # The ingress only routes in the graph: it autoscales from one replica and keeps
     # several batches going down the graph, as serve.graph says.
@@ -544,7 +547,29 @@ def test_graph_inline_keeps_cheap_stages_in_the_ingress_and_refuses_unknown_or_f
     data["serve"]["graph"] = {"inline": ["ghost"]}
     with pytest.raises(SpecError, match=r"serve\.graph\.inline names unknown stage 'ghost'"):
         load_spec(_write(tmp_path, data))
-    data["serve"]["graph"] = {"inline": ["model"]}
-    data["serve"]["fuse"] = [["transform", "model"]]
+    data["serve"]["graph"] = {"inline": ["model"], "fuse": [["transform", "model"]]}
     with pytest.raises(SpecError, match="both fused and inline"):
+        load_spec(_write(tmp_path, data))
+
+
+def test_graph_fuse_groups_stages_in_the_graph_only_and_is_checked(tmp_path: Path) -> None:
+    data = yaml.safe_load(FRAUD_SPEC.read_text())
+    data["serve"]["graph"] = {"fuse": [["features", "transform"], ["model", "postprocess"]]}
+    spec = load_spec(_write(tmp_path, data))
+    graph = spec.with_placement("graph")
+    assert [(s.name, s.stages, s.inline) for s in graph.segments()] == [
+        ("features+transform", ("features", "transform"), False),
+        ("model+postprocess", ("model", "postprocess"), False),
+    ]
+    # The local placement keeps its own: every stage inline (serve.inline).
+    assert [s.stages for s in spec.segments()] == [
+        ("features", "transform", "model", "postprocess")
+    ]
+    assert all(s.inline for s in spec.segments())
+
+    data["serve"]["graph"] = {"fuse": [["features", "model"]]}
+    with pytest.raises(SpecError, match=r"serve\.graph\.fuse group .* not a run of adjacent"):
+        load_spec(_write(tmp_path, data))
+    data["serve"]["graph"] = {"fuse": [["ghost"]]}
+    with pytest.raises(SpecError, match=r"serve\.graph\.fuse names unknown stage"):
         load_spec(_write(tmp_path, data))
