@@ -154,12 +154,13 @@ class ServeAppSpec(SpecModel):
     placement: Placement = "local"
     """``local``: the stages in ``inline`` run inside the ingress replicas, on one frame
     per batch of concurrent requests (the fastest on one machine). ``graph``: every
-    stage, or ``fuse`` group, is an autoscaling deployment of its own, scaling on how
+    stage, or ``graph.fuse`` group, is an autoscaling deployment of its own, scaling on how
     busy it is, behind an ingress that only routes (a cluster's shape; ``graph:`` holds
     its options). ``stageline serve --placement`` and the Serve ``args`` key
     ``placement`` choose one without editing the spec."""
     fuse: tuple[tuple[str, ...], ...] = ()
-    """Groups of adjacent stages that share one deployment (fewer hops)."""
+    """``local`` placement: groups of adjacent stages that share one deployment (fewer
+    hops). The ``graph`` placement fuses ``graph.fuse`` instead."""
     inline: tuple[str, ...] | None = None
     """``local`` placement: stages run inside the ingress replica itself, no hop at all.
     Default: every stage not in a ``fuse`` group. The ``graph`` placement runs
