@@ -74,6 +74,9 @@ class Merger(Generic[T, R]):
     ) -> None:
         self.run = run
         self.weight = weight
+        self._queued = 0
+        """Weight of the items queued (their count without ``weight``), kept as they
+        come and go: the former checks it on every arrival."""
         self.max_size = max_size
         self.wait_s = wait_ms / 1000
         self.regroup_s = regroup_ms / 1000
@@ -96,6 +99,7 @@ class Merger(Generic[T, R]):
     async def __call__(self, item: T) -> R:
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.append((item, future))
+        self._queued += self._weight(item)
         self._arrived.set()
         if self._former is None or self._former.done():
             self._former = asyncio.create_task(self._form())
@@ -115,7 +119,7 @@ class Merger(Generic[T, R]):
                 await self._regroup(min(self._last_size, self.max_size))
             batch: list[tuple[T, asyncio.Future[R]]] = []
             while self._queue and len(batch) < self.max_size:
-                item, future = self._queue.popleft()
+                item, future = self._pop()
                 if not future.done():  # a caller that gave up is not scored
                     batch.append((item, future))
             if not batch:
@@ -139,14 +143,20 @@ class Merger(Generic[T, R]):
 
     def _full(self) -> bool:
         """Whether a full batch waits: ``max_size`` items, or that much weight."""
-        if len(self._queue) >= self.max_size or self.weight is None:
-            return len(self._queue) >= self.max_size
-        return sum(self.weight(item) for item, _ in self._queue) >= self.max_size
+        return len(self._queue) >= self.max_size or self._queued >= self.max_size
+
+    def _weight(self, item: T) -> int:
+        return 1 if self.weight is None else self.weight(item)
+
+    def _pop(self) -> tuple[T, asyncio.Future[R]]:
+        item, future = self._queue.popleft()
+        self._queued -= self._weight(item)
+        return item, future
 
     def _live(self) -> bool:
         """Whether a caller still waits in the queue (cancelled ones are dropped)."""
         while self._queue and self._queue[0][1].done():
-            self._queue.popleft()
+            self._pop()
         return bool(self._queue)
 
     async def _run(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
