@@ -70,16 +70,22 @@ def ingress_limits(spec: PipelineSpec) -> tuple[int, int]:
 
     The ingress takes :func:`~serve_app.router.admission_limit` requests per replica
     and answers the next at once with our JSON 503 (``AdmissionMiddleware``). Serve's
-    own limits are twice that: room for as many rejections under way at once in each
-    replica, and for as many requests waiting in Serve's proxy to be routed (they wait
-    there a moment even when a replica has room, longer when the proxy is busy). So a
-    request over capacity meets the ingress's limit, not Serve's, whose 503 is plain
-    text (HAProxy turns a replica's into ours; Serve's proxy cannot)."""
+    own limits are above that, so a request over capacity meets the ingress's limit, not
+    Serve's, whose 503 is plain text (HAProxy turns a replica's into ours; Serve's proxy
+    cannot):
+
+    - ongoing, twice the limit: room in each replica for as many rejections under way;
+    - queued, eight times the limit: Serve's proxy counts a request as queued until it
+      has chosen a replica, which takes a round trip per request even when a replica has
+      room, and a while for all of them at once on a busy host. At twice the limit, one
+      request in about 700 got Serve's plain 503 in a CI run at 5x capacity on a slow
+      day. A queued request holds a few KiB in the proxy; the bound only stops a flood.
+    """
     ingress = spec.serve.ingress
     limit = admission_limit(spec)
     if limit is None:
         return ingress.max_ongoing_requests, ingress.max_queued_requests
-    return 2 * limit, 2 * limit
+    return 2 * limit, 8 * limit
 
 
 class AppArgs(BaseModel):

@@ -94,7 +94,8 @@ def test_five_times_capacity_gets_fast_503s_and_the_accepted_requests_stay_fast(
     assert set(overload.statuses()) <= {200, 503}, overload.statuses()
     assert len(rejected) > overload.requests / 2, "5x capacity, yet most requests were served"
     assert all(a.retry_after == "1" for a in rejected), rejected[:3]
-    assert all(unavailable(a.body) for a in rejected), rejected[:3]
+    not_ours = [(a.request, a.body) for a in rejected if not unavailable(a.body)]
+    assert not not_ours, f"{len(not_ours)} 503s not in our JSON shape, e.g. {not_ours[:3]}"
     assert max(a.latency for a in rejected) < 2.0, "a rejection was not fast"
     assert overload.latency(0.99) < 5.0, "accepted requests waited without bound"
     assert memory_after[0] - memory_before[0] < 200, (memory_before, memory_after)
