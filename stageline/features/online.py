@@ -16,7 +16,7 @@ import pandas as pd
 
 from stageline._io import atomic_write_parquet
 from stageline.features.offline import FeatureStoreError, OfflineStore, with_defaults
-from stageline.spec import FeatureViewSpec, PipelineSpec, RedisStoreSpec
+from stageline.spec import PipelineSpec, RedisStoreSpec
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +52,16 @@ class MemoryOnlineStore:
         self.offline = offline
         self.snapshot_dir = Path(snapshot_dir)
         self._tables: dict[str, pd.DataFrame] = {}
+        self._rows: dict[str, dict[str, int]] = {}  # per view: entity key -> row of its table
 
     def _snapshot(self, view: str) -> Path:
         return self.snapshot_dir / f"{view}.parquet"
 
     def _table(self, view: str) -> pd.DataFrame:
+        """The view's features as served: typed, defaults filled, ``<view>_found`` True;
+        one more row at the end holds what an unknown entity gets (found False). Built
+        once, so a lookup is one ``take`` (the values are those of :func:`with_defaults`
+        applied per lookup: each of its steps works row by row)."""
         table = self._tables.get(view)
         if table is None:
             spec = self.offline.view(view)
@@ -72,20 +77,24 @@ class MemoryOnlineStore:
                 )
                 table = self.offline.latest(view)
             table = table.drop_duplicates(spec.entity, keep="last")
-            table = table.set_index(table[spec.entity].astype(str))[list(spec.features)]
+            entities = table[spec.entity].astype(str).tolist()
+            values = table[list(spec.features)].reset_index(drop=True)
+            unknown = pd.DataFrame({name: [None] for name in spec.features}, index=[len(values)])
+            found = np.arange(len(values) + 1) < len(values)
+            table = with_defaults(pd.concat([values, unknown]), view, spec, found)
             self._tables[view] = table
+            self._rows[view] = {key: row for row, key in enumerate(entities)}
         return table
 
     def lookup(self, view: str, keys: pd.Series) -> pd.DataFrame:
-        spec: FeatureViewSpec = self.offline.view(view)
         table = self._table(view)
-        positions = table.index.get_indexer(pd.Index(keys.astype(str)))
-        found = positions >= 0
-        if len(table) == 0:  # no entity yet: every key gets the defaults
-            values = pd.DataFrame(index=range(len(keys)))
-        else:
-            values = table.iloc[np.where(found, positions, 0)].reset_index(drop=True)
-        out = with_defaults(values, view, spec, found)
+        rows, unknown = self._rows[view], len(table) - 1
+        if keys.dtype.kind in "biufcmM":  # keys are matched as text
+            keys = keys.astype(str)
+        # A dict per key, not Index.get_indexer: a tenth of the cost for the one key of a
+        # request, about as fast for a batch. A missing key (not text) is unknown.
+        positions = np.fromiter((rows.get(k, unknown) for k in keys.tolist()), np.intp, len(keys))
+        out = table.take(positions)
         out.index = keys.index
         return out
 
@@ -98,6 +107,7 @@ class MemoryOnlineStore:
 
     def close(self) -> None:
         self._tables.clear()
+        self._rows.clear()
 
 
 def open_online_store(spec: PipelineSpec, home: Path) -> OnlineStore:

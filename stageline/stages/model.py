@@ -13,7 +13,14 @@ import xgboost as xgb
 from stageline.context import StageContext
 from stageline.outputs import MODEL
 from stageline.registry import LoadedModel, ModelMetadata, RegistryError, Task
-from stageline.stage import BaseStage, ServedModel, StageError, StageStatus, mark_errors
+from stageline.stage import (
+    BaseStage,
+    ServedModel,
+    StageError,
+    StageStatus,
+    mark_errors,
+    with_columns,
+)
 from stageline.stages.transform import apply_encoders, encoder_outputs
 
 log = logging.getLogger(__name__)
@@ -186,32 +193,30 @@ class XGBoostPredictor(BaseStage):
         infinite = np.isinf(matrix)
         bad = infinite.any(axis=1)
         good = matrix[~bad] if bad.any() else matrix
-        out = batch.copy()
+        columns: dict[str, Any] = {}
         predicted_class: np.ndarray[Any, Any] | None = None
         if meta.task == "multiclass":
-            predicted_class = self._classify(out, loaded, good, bad)
+            predicted_class = self._classify(columns, loaded, good, bad)
         else:
             scores = np.full(len(batch), np.nan)
             if len(good):
                 predicted = loaded.booster.inplace_predict(good, validate_features=False)
                 scores[~bad] = np.asarray(predicted, dtype=np.float64)
-            out[self.output] = scores
+            columns[self.output] = scores
             if meta.task == "binary":
-                out[f"{self.output}_threshold"] = meta.threshold
-        out[f"{self.output}_model"] = meta.name
-        out[f"{self.output}_version"] = meta.version
+                columns[f"{self.output}_threshold"] = meta.threshold
+        columns[f"{self.output}_model"] = meta.name
+        columns[f"{self.output}_version"] = meta.version
         if self.model_identity:
-            out[MODEL_NAME] = meta.name
-            out[MODEL_VERSION] = meta.version
+            columns[MODEL_NAME] = meta.name
+            columns[MODEL_VERSION] = meta.version
         if self.reasons:
             top = self._top_reasons(loaded, good, predicted_class) if len(good) else []
-            if bad.any():
-                reasons: list[list[str] | None] = [None] * len(batch)
-                for i, row in zip(np.flatnonzero(~bad), top, strict=True):
-                    reasons[i] = row
-                out[f"{self.output}_reasons"] = pd.Series(reasons, index=out.index, dtype=object)
-            else:
-                out[f"{self.output}_reasons"] = top
+            reasons = np.full(len(batch), None, dtype=object)  # None for a row not scored
+            for i, row in zip(np.flatnonzero(~bad), top, strict=True):
+                reasons[i] = row
+            columns[f"{self.output}_reasons"] = reasons
+        out = with_columns(batch, columns)
         if bad.any():
             names = np.array(meta.features, dtype=object)
             why = np.full(len(batch), "", dtype=object)
@@ -222,14 +227,15 @@ class XGBoostPredictor(BaseStage):
 
     def _classify(
         self,
-        out: pd.DataFrame,
+        columns: dict[str, Any],
         loaded: LoadedModel,
         good: np.ndarray[Any, Any],
         bad: np.ndarray[Any, np.dtype[np.bool_]],
     ) -> np.ndarray[Any, Any]:
-        """Add a multiclass model's columns to ``out``; the predicted class of each good row."""
+        """Put a multiclass model's columns in ``columns``; the predicted class of each
+        good row."""
         classes = np.array(loaded.metadata.classes, dtype=object)
-        probs = np.full((len(out), len(classes)), np.nan)
+        probs = np.full((len(bad), len(classes)), np.nan)
         best = np.zeros(len(good), dtype=np.intp)
         if len(good):
             # Softmax of the margins, in float64: probabilities from multi:softprob and
@@ -241,15 +247,15 @@ class XGBoostPredictor(BaseStage):
             exp = np.exp(margin - margin.max(axis=1, keepdims=True))
             probs[~bad] = exp / exp.sum(axis=1, keepdims=True)
             best = probs[~bad].argmax(axis=1)
-        names = np.full(len(out), None, dtype=object)
+        names = np.full(len(bad), None, dtype=object)
         names[~bad] = classes[best]
-        top = np.full(len(out), np.nan)
+        top = np.full(len(bad), np.nan)
         top[~bad] = probs[~bad][np.arange(len(good)), best]
         o = self.output
-        out[o] = top
-        out[f"{o}_class"] = names
+        columns[o] = top
+        columns[f"{o}_class"] = names
         for i, name in enumerate(classes):
-            out[f"{o}_p_{name}"] = probs[:, i]
+            columns[f"{o}_p_{name}"] = probs[:, i]
         return best
 
     def _top_reasons(

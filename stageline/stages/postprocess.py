@@ -7,7 +7,7 @@ import pandas as pd
 from stageline.context import StageContext
 from stageline.outputs import MODEL
 from stageline.spec import OutputSpec
-from stageline.stage import BaseStage
+from stageline.stage import BaseStage, with_columns
 
 DECISION = (
     OutputSpec(name="score", type="float", description="The model's score for the record."),
@@ -46,12 +46,17 @@ class Decision(BaseStage):
 
     def process(self, batch: pd.DataFrame) -> pd.DataFrame:
         s = self.score
-        out = batch.copy()
         threshold = batch[f"{s}_threshold"] if self.threshold is None else self.threshold
-        out["score"] = batch[s].astype("float64")
-        out["label"] = (batch[s] >= threshold).to_numpy()
         reasons = batch.get(f"{s}_reasons")
-        out["reasons"] = list(reasons) if reasons is not None else [[] for _ in range(len(batch))]
-        out["model_name"] = batch[f"{s}_model"].astype(object)
-        out["model_version"] = batch[f"{s}_version"].astype("int64")
-        return out
+        return with_columns(
+            batch,
+            {
+                "score": batch[s].astype("float64"),
+                "label": (batch[s] >= threshold).to_numpy(),
+                "reasons": list(reasons)
+                if reasons is not None
+                else [[] for _ in range(len(batch))],
+                "model_name": batch[f"{s}_model"].astype(object),
+                "model_version": batch[f"{s}_version"].astype("int64"),
+            },
+        )

@@ -24,7 +24,7 @@ import pandas as pd
 from stageline.context import StageContext
 from stageline.spec import SpecError
 from stageline.spec_classes import resolve_object
-from stageline.stage import BaseStage, mark_errors
+from stageline.stage import BaseStage, mark_errors, with_columns
 
 TransformFn = Callable[[pd.DataFrame], pd.DataFrame]
 
@@ -106,9 +106,7 @@ class OnDemandTransform(BaseStage):
     def process(self, batch: pd.DataFrame) -> pd.DataFrame:
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # marked below
             new = self.transform(batch)
-        out = batch.copy()
-        for col in new.columns:
-            out[col] = new[col].to_numpy()
+        out = with_columns(batch, {col: new[col].to_numpy() for col in new.columns})
         numeric = [c for c in new.columns if new[c].dtype.kind in "fc"]
         if numeric:
             values = new[numeric].to_numpy(dtype="float64")
@@ -149,12 +147,12 @@ def encoder_outputs(encoders: Mapping[str, Mapping[str, Any]]) -> tuple[str, ...
 def apply_encoders(frame: pd.DataFrame, encoders: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
     """Add each encoder's output column; a category unseen at training becomes NaN
     (XGBoost's missing value), not an error."""
-    out = frame.copy()
+    columns = {}
     for col, enc in encoders.items():
         if enc.get("kind") != "ordinal":
             raise ValueError(f"unknown encoder kind {enc.get('kind')!r} for column {col!r}")
         categories = pd.Index(enc["categories"])
         codes = categories.get_indexer(frame[col].astype(object).to_numpy()).astype("float64")
         codes[codes < 0] = np.nan
-        out[str(enc["output"])] = codes
-    return out
+        columns[str(enc["output"])] = codes
+    return with_columns(frame, columns)
