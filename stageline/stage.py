@@ -119,25 +119,28 @@ def check_rows(stage: str, rows: int, out: pd.DataFrame) -> None:
         )
 
 
-def with_columns(batch: pd.DataFrame, columns: Mapping[str, Any]) -> pd.DataFrame:
+def with_columns(batch: pd.DataFrame, columns: Mapping[str, Any] | pd.DataFrame) -> pd.DataFrame:
     """``batch`` with ``columns`` set, in one step: a new column goes at the end, one
     ``batch`` has keeps its place. Values are arrays, lists or scalars; a Series is
-    taken by position, like an array.
+    taken by position, like an array. ``columns`` may be a frame of as many rows.
 
     One ``concat``, not a column insert each: pandas rebuilds the column index on every
     insert, and on a one-row frame five inserts cost about three times the concat."""
     index = batch.index
+    if isinstance(columns, pd.DataFrame):
+        if not any(name in batch.columns for name in columns.columns):
+            return pd.concat([batch, columns.set_axis(index)], axis=1)
+        columns = {name: columns[name] for name in columns.columns}
     values = {
         name: v.set_axis(index) if isinstance(v, pd.Series) and not v.index.equals(index) else v
         for name, v in columns.items()
     }
-    added = {name: v for name, v in values.items() if name not in batch.columns}
-    out = pd.concat([batch, pd.DataFrame(added, index=index)], axis=1) if added else batch.copy()
-    if len(added) < len(values):
-        replaced = pd.DataFrame({n: v for n, v in values.items() if n not in added}, index=index)
-        for name in replaced.columns:  # in place: replacing a column keeps the index as is
-            out[name] = replaced[name]
-    return out
+    if not any(name in batch.columns for name in values):
+        return pd.concat([batch, pd.DataFrame(values, index=index)], axis=1)
+    # Some replaced: one constructor over every column in order (replacing in place
+    # costs an insert's worth per column too).
+    ordered = {name: values[name] if name in values else batch[name] for name in batch.columns}
+    return pd.DataFrame({**ordered, **values}, index=index)
 
 
 def error_mask(batch: pd.DataFrame) -> np.ndarray[Any, np.dtype[np.bool_]]:
@@ -223,14 +226,25 @@ class BaseStage:
         check_columns(self.name, batch, self.required_columns())
         bad = error_mask(batch)
         if not bad.any():
-            out = self.process(batch.reset_index(drop=True))
+            # The stage sees its own frame (a change it makes in place stays its own)
+            # indexed 0 .. n-1; as a chain hands it, a shallow copy does (copy on write).
+            positional = _is_positional(batch.index)
+            out = self.process(
+                batch.copy(deep=False) if positional else batch.reset_index(drop=True)
+            )
             check_rows(self.name, len(batch), out)
-            out.index = batch.index
+            if not (positional and _is_positional(out.index)):
+                out.index = batch.index
         else:
             out = _process_good_rows(self, batch, bad)
         check_columns(self.name, out, self.provided_columns())
         check_rows(self.name, len(batch), out)
         return out
+
+
+def _is_positional(index: pd.Index) -> bool:
+    """``index`` is ``0 .. n-1``, what ``reset_index(drop=True)`` would give."""
+    return isinstance(index, pd.RangeIndex) and index.start == 0 and index.step == 1
 
 
 def _process_good_rows(

@@ -8,7 +8,7 @@ from stageline.context import StageContext, as_of_field
 from stageline.features import found_column
 from stageline.features.offline import FeatureHistory
 from stageline.features.online import OnlineStore
-from stageline.stage import BaseStage
+from stageline.stage import BaseStage, with_columns
 
 
 class FeatureLookup(BaseStage):
@@ -49,4 +49,4 @@ class FeatureLookup(BaseStage):
         else:
             assert self.store is not None
             found = self.store.lookup(self.view, batch[self.key])
-        return pd.concat([batch.drop(columns=list(found.columns), errors="ignore"), found], axis=1)
+        return with_columns(batch, found)

@@ -21,7 +21,7 @@ from stageline.stage import (
     mark_errors,
     with_columns,
 )
-from stageline.stages.transform import apply_encoders, encoder_outputs
+from stageline.stages.transform import encoded, encoder_outputs
 
 log = logging.getLogger(__name__)
 
@@ -179,9 +179,17 @@ class XGBoostPredictor(BaseStage):
     ) -> np.ndarray[Any, Any]:
         """The model's feature matrix for ``batch``, in the order the model was trained on."""
         meta = (loaded or self.loaded).metadata
-        frame = apply_encoders(batch, meta.encoders) if meta.encoders else batch
+        codes = encoded(batch, meta.encoders) if meta.encoders else {}
+        matrix = np.empty((len(batch), len(meta.features)), dtype=np.float32)
+        # Column by column into the matrix, as pandas fills it from a frame's columns,
+        # without first building that frame.
         with np.errstate(over="ignore"):  # too large for float32 is inf: process() marks it
-            return frame[list(meta.features)].to_numpy(dtype=np.float32, na_value=np.nan)
+            for j, name in enumerate(meta.features):
+                column = codes.get(name)
+                if column is None:
+                    column = batch[name].to_numpy(dtype=np.float32, na_value=np.nan)
+                matrix[:, j] = column
+        return matrix
 
     def process(self, batch: pd.DataFrame) -> pd.DataFrame:
         loaded = self.loaded  # one version for the whole batch, even mid-reload

@@ -48,15 +48,12 @@ class Decision(BaseStage):
         s = self.score
         threshold = batch[f"{s}_threshold"] if self.threshold is None else self.threshold
         reasons = batch.get(f"{s}_reasons")
-        return with_columns(
-            batch,
-            {
-                "score": batch[s].astype("float64"),
-                "label": (batch[s] >= threshold).to_numpy(),
-                "reasons": list(reasons)
-                if reasons is not None
-                else [[] for _ in range(len(batch))],
-                "model_name": batch[f"{s}_model"].astype(object),
-                "model_version": batch[f"{s}_version"].astype("int64"),
-            },
-        )
+        columns = {
+            "label": (batch[s] >= threshold).to_numpy(),
+            "reasons": list(reasons) if reasons is not None else [[] for _ in range(len(batch))],
+            "model_name": batch[f"{s}_model"].astype(object),
+            "model_version": batch[f"{s}_version"].astype("int64"),
+        }
+        if s != "score" or batch[s].dtype != "float64":  # else it is the score already
+            columns = {"score": batch[s].astype("float64"), **columns}
+        return with_columns(batch, columns)

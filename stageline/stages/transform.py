@@ -147,6 +147,13 @@ def encoder_outputs(encoders: Mapping[str, Mapping[str, Any]]) -> tuple[str, ...
 def apply_encoders(frame: pd.DataFrame, encoders: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
     """Add each encoder's output column; a category unseen at training becomes NaN
     (XGBoost's missing value), not an error."""
+    return with_columns(frame, encoded(frame, encoders))
+
+
+def encoded(
+    frame: pd.DataFrame, encoders: Mapping[str, Mapping[str, Any]]
+) -> dict[str, np.ndarray[Any, np.dtype[np.float64]]]:
+    """Each encoder's output column (the codes, NaN for a category unseen at training)."""
     columns = {}
     for col, enc in encoders.items():
         if enc.get("kind") != "ordinal":
@@ -155,4 +162,4 @@ def apply_encoders(frame: pd.DataFrame, encoders: Mapping[str, Mapping[str, Any]
         codes = categories.get_indexer(frame[col].astype(object).to_numpy()).astype("float64")
         codes[codes < 0] = np.nan
         columns[str(enc["output"])] = codes
-    return with_columns(frame, columns)
+    return columns

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import TypeAdapter, ValidationError
 
 from stageline.context import StageContext
@@ -26,7 +28,7 @@ from stageline.spec import (
     RequestSchema,
     datetime_in_range,
 )
-from stageline.stage import ERROR_COLUMN, BaseStage, error_mask, mark_errors
+from stageline.stage import ERROR_COLUMN, BaseStage, error_mask, mark_errors, with_columns
 
 RAW_COLUMN = "_raw"
 """For a row this stage rejects: the record as it arrived (JSON), for the quarantine."""
@@ -63,8 +65,8 @@ def validate_frame(
     batch: pd.DataFrame, schema: RequestSchema, stage: str = "validate"
 ) -> pd.DataFrame:
     """Coerce each field to its type; mark rows breaking a rule with ``"<field>: <why>"``."""
-    out = batch.copy()
-    n = len(out)
+    n = len(batch)
+    coerced: dict[str, Any] = {}
     reasons: np.ndarray[Any, np.dtype[np.object_]] = np.full(n, None, dtype=object)
 
     def flag(mask: Mask, why: str | Callable[[Any], str], raw: pd.Series[Any]) -> None:
@@ -79,10 +81,10 @@ def validate_frame(
             reasons[fresh] = [why(v) for v in raw.iloc[np.flatnonzero(fresh)].to_numpy()]
 
     for name, field in schema.fields.items():
-        if name in out.columns:
-            raw = out[name]
+        if name in batch.columns:
+            raw = batch[name]
         else:
-            raw = pd.Series([None] * n, index=out.index, dtype=object)
+            raw = pd.Series([None] * n, index=batch.index, dtype=object)
         null = np.asarray(raw.isna(), dtype=bool)
         if field.is_required:
             flag(null, f"{name}: required field is missing", raw)
@@ -104,20 +106,20 @@ def validate_frame(
                         op(values.to_numpy(dtype="float64", na_value=np.nan), limit)
                     )
                 flag(broken & ~bad & ~null, _got(f"{name}: must be {text} {_num(limit)}"), raw)
-        out[name] = values
+        coerced[name] = values
 
     bad_rows = ~pd.isna(reasons)
-    if bad_rows.any():
-        mark_errors(out, bad_rows, stage, reasons)
-        raw_json = np.full(n, None, dtype=object)
-        originals = batch.iloc[np.flatnonzero(bad_rows)]
-        raw_json[bad_rows] = [
-            json.dumps(rec, default=str) for rec in originals.to_dict(orient="records")
-        ]
-        out[RAW_COLUMN] = raw_json
-    elif ERROR_COLUMN not in out.columns:
-        out[ERROR_COLUMN] = pd.Series([None] * n, index=out.index, dtype=object)
-    return out
+    if ERROR_COLUMN not in batch.columns:
+        coerced[ERROR_COLUMN] = pd.Series([None] * n, index=batch.index, dtype=object)
+    if not bad_rows.any():
+        return with_columns(batch, coerced)
+    raw_json = np.full(n, None, dtype=object)
+    originals = batch.iloc[np.flatnonzero(bad_rows)]
+    raw_json[bad_rows] = [
+        json.dumps(rec, default=str) for rec in originals.to_dict(orient="records")
+    ]
+    coerced[RAW_COLUMN] = pd.Series(raw_json, index=batch.index, dtype=object)
+    return mark_errors(with_columns(batch, coerced), bad_rows, stage, reasons)
 
 
 Coerced = tuple["pd.Series[Any]", Mask, str]
@@ -229,6 +231,11 @@ def _as_text(raw: pd.Series[Any], kind: str) -> tuple[pd.Series[Any], Mask]:
 
 
 def _longer_than(text: pd.Series[Any], max_length: int) -> Mask:
+    if isinstance(text.dtype, pd.StringDtype) and text.dtype.storage == "pyarrow":
+        # Arrow's own kernel on the Arrow array: as fast as ``.str.len()`` on a batch,
+        # a fifth of its cost on the one row of a request.
+        longer = pc.greater(pc.utf8_length(pa.array(text.array)), max_length)
+        return np.asarray(pc.fill_null(longer, False).to_numpy(zero_copy_only=False), dtype=bool)
     if isinstance(text.dtype, pd.StringDtype):
         return np.asarray(text.str.len().fillna(0) > max_length, dtype=bool)
     return np.asarray(
