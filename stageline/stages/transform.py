@@ -13,6 +13,7 @@ travel with the model so a model can never be fed another version's codes.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +151,12 @@ def apply_encoders(frame: pd.DataFrame, encoders: Mapping[str, Mapping[str, Any]
     return with_columns(frame, encoded(frame, encoders))
 
 
+@functools.lru_cache(maxsize=256)
+def _categories(categories: tuple[str, ...]) -> pd.Index[Any]:
+    """An encoder's categories as an index, built (and hashed) once, not on every call."""
+    return pd.Index(categories)
+
+
 def encoded(
     frame: pd.DataFrame, encoders: Mapping[str, Mapping[str, Any]]
 ) -> dict[str, np.ndarray[Any, np.dtype[np.float64]]]:
@@ -158,7 +165,7 @@ def encoded(
     for col, enc in encoders.items():
         if enc.get("kind") != "ordinal":
             raise ValueError(f"unknown encoder kind {enc.get('kind')!r} for column {col!r}")
-        categories = pd.Index(enc["categories"])
+        categories: Any = _categories(tuple(enc["categories"]))  # (stubs: an Index only)
         codes = categories.get_indexer(frame[col].astype(object).to_numpy()).astype("float64")
         codes[codes < 0] = np.nan
         columns[str(enc["output"])] = codes
