@@ -104,8 +104,11 @@ class Writers:
         )
         self.data.write(table)
         self.rows_out += n
+        # In this thread only: Ray Data's parquet reader resizes Arrow's process-wide CPU
+        # pool (pa.set_cpu_count) as the run starts, and a threaded group-by could then
+        # fail with "thread index N is out of range" (seen in a test run).
         served = table.select(["model_name", "model_version"]).group_by(
-            ["model_name", "model_version"]
+            ["model_name", "model_version"], use_threads=False
         )
         self.models.update(
             f"{r['model_name']} v{r['model_version']}"

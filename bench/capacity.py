@@ -21,6 +21,9 @@ it the replicas per stage and the nodes a target rate needs in the ``graph`` pla
    busy ``--target-busy`` of the time (a replica runs its stages one call at a time, so
    it works at most one core); the nodes are the CPU over ``--node-cpus`` each, with the
    same headroom.
+5. The whole in-process path at each size (``Pipeline.predict``: the stages, then the
+   output contract) against the model's floor on the same rows: XGBoost's
+   ``inplace_predict`` plus the approximate contributions reasons come from.
 
 What it leaves out, and the README says so: the HTTP ingress, Serve's proxy and the
 hops between deployments (``python -m bench.online`` measures the graph as a whole, and
@@ -30,21 +33,26 @@ its E target Serve's own ceiling on this machine).
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import xgboost as xgb
 
 from bench.heavy import register_heavy_model
 from bench.online import HOME, copies, demo_request
 from bench.report import add_run_options, markdown, write
+from stageline.outputs import OutputContract
 from stageline.pipeline import StageChain
 from stageline.registry.metadata import parse_model_ref
 from stageline.spec import load_spec
+from stageline.stages.model import XGBoostPredictor
 from stageline_cli.common import DEFAULT_SPEC
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,26 +68,57 @@ def frame_of(record: dict[str, Any], rows: int) -> pd.DataFrame:
     return pd.DataFrame.from_records(copies(record, rows))
 
 
+def timed(call: Callable[[], Any], seconds: float) -> dict[str, Any]:
+    """Median CPU (of this thread) and wall ms of ``call`` over about ``seconds`` of
+    calls (at least 5)."""
+    cpu: list[float] = []
+    wall: list[float] = []
+    began = time.perf_counter()
+    while len(cpu) < 5 or time.perf_counter() - began < seconds:
+        c0, w0 = time.thread_time(), time.perf_counter()
+        call()
+        cpu.append((time.thread_time() - c0) * 1000)
+        wall.append((time.perf_counter() - w0) * 1000)
+    return {"calls": len(cpu), "cpu_ms": statistics.median(cpu), "wall_ms": statistics.median(wall)}
+
+
 def measure(chain: StageChain, frame: pd.DataFrame, seconds: float) -> list[dict[str, Any]]:
     """Each stage of ``chain`` on what the stages before it made of ``frame``: median
     CPU and wall ms per call over about ``seconds`` of calls (at least 5)."""
     out = []
     current = frame
     for name, stage in chain:
-        cpu: list[float] = []
-        wall: list[float] = []
-        began = time.perf_counter()
-        while len(cpu) < 5 or time.perf_counter() - began < seconds:
-            c0, w0 = time.thread_time(), time.perf_counter()
-            result = stage(current)
-            cpu.append((time.thread_time() - c0) * 1000)
-            wall.append((time.perf_counter() - w0) * 1000)
-        out.append(
-            {"stage": name, "rows": len(frame), "calls": len(cpu),
-             "cpu_ms": statistics.median(cpu), "wall_ms": statistics.median(wall)}
-        )  # fmt: skip
-        current = result
+        call = functools.partial(stage, current)
+        out.append({"stage": name, "rows": len(frame), **timed(call, seconds)})
+        current = call()
     return out
+
+
+def measure_floor(chain: StageChain, frame: pd.DataFrame, seconds: float) -> dict[str, Any]:
+    """For ``frame``: what ``Pipeline.predict`` runs (every stage, then the output
+    contract), against the model's own floor: XGBoost's ``inplace_predict`` plus the
+    approximate contributions its reasons come from, on the model stage's matrix."""
+    contract = OutputContract(chain.spec)
+    whole = timed(lambda: contract.frame(chain(frame)), seconds)
+    current = frame
+    for _, stage in chain:
+        if isinstance(stage, XGBoostPredictor):
+            break
+        current = stage(current)
+    else:
+        raise SystemExit("the shipped spec has no XGBoostPredictor stage")
+    matrix, booster = stage.features(current), stage.loaded.booster
+    names = list(stage.loaded.metadata.features)
+
+    def floor() -> None:
+        booster.inplace_predict(matrix, validate_features=False)
+        rows = xgb.DMatrix(matrix, feature_names=names, nthread=stage.nthread)
+        booster.predict(rows, pred_contribs=True, approx_contribs=True)
+
+    model = timed(floor, seconds)
+    ratio = whole["cpu_ms"] / model["cpu_ms"]
+    return {"rows": len(frame), "predict_cpu_ms": whole["cpu_ms"],
+            "floor_cpu_ms": model["cpu_ms"], "ratio": ratio}  # fmt: skip
 
 
 def fit(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -138,20 +177,21 @@ def main(argv: list[str] | None = None) -> int:
     for size in sizes:
         rows += measure(chain, frame_of(record, size), seconds)
         print(f"measured {size} rows per call", flush=True)
+    floors = [measure_floor(chain, frame_of(record, size), seconds) for size in sizes]
     fits = fit(rows)
     planned = plan(fits, args.rps, args.records, args.target_busy, args.node_cpus)
     config = {"spec": DEFAULT_SPEC, "sizes": list(sizes), "seconds_per_point": seconds,
               "trees": args.trees, "rps": args.rps, "records": args.records,
               "node_cpus": args.node_cpus, "target_busy": args.target_busy,
               "smoke": args.smoke}  # fmt: skip
-    write("capacity", config, rows, tables(rows, fits, planned, args), args.results,
-          {"fits": fits, "plan": planned})  # fmt: skip
+    write("capacity", config, rows, tables(rows, fits, planned, floors, args), args.results,
+          {"fits": fits, "plan": planned, "floor": floors})  # fmt: skip
     return 0
 
 
 def tables(
     rows: list[dict[str, Any]], fits: dict[str, dict[str, float]], planned: dict[str, Any],
-    args: argparse.Namespace,
+    floors: list[dict[str, Any]], args: argparse.Namespace,
 ) -> str:  # fmt: skip
     sizes = sorted({r["rows"] for r in rows})
     by = {(r["stage"], r["rows"]): r for r in rows}
@@ -178,9 +218,19 @@ def tables(
         f"{args.node_cpus:g} CPUs at the same headroom. Not counted: the HTTP ingress, "
         "Serve's proxy and the hops between deployments (`python -m bench.online`)."
     )
+    floor_intro = (
+        "The whole in-process path (`Pipeline.predict`: every stage, then the output "
+        "contract) against the model's floor, XGBoost's `inplace_predict` plus the "
+        "approximate contributions reasons come from, on the same rows: median CPU ms."
+    )
+    floor_rows = [
+        [f["rows"], f"{f['predict_cpu_ms']:.2f}", f"{f['floor_cpu_ms']:.2f}", f"{f['ratio']:.1f}x"]
+        for f in floors
+    ]  # fmt: skip
     return "\n\n".join([
-        intro, markdown(header, measured), plan_intro,
-        markdown(["stage", "CPU cores", "replicas"], plan_rows),
+        intro, markdown(header, measured), floor_intro,
+        markdown(["rows", "Pipeline.predict CPU ms", "model floor CPU ms", "ratio"], floor_rows),
+        plan_intro, markdown(["stage", "CPU cores", "replicas"], plan_rows),
     ])  # fmt: skip
 
 

@@ -53,7 +53,12 @@ class XGBoostPredictor(BaseStage):
 
     Reasons are XGBoost's feature contributions, ``reasons_method: approx``
     (Saabas, ~80x cheaper, the default) or ``exact`` (TreeSHAP, ~0.5 ms per row
-    on one core). Several predictors with different ``output`` names make an
+    on one core). A binary model explains only the rows it labels positive (score
+    at or over the model version's threshold), as adverse-action codes do: the others
+    get an empty list, and contributions cost about four times the prediction itself
+    (``bench/results/request-path.md``). ``reasons_for: all`` explains every row (and a
+    Decision stage that pins its own threshold wants that). Other tasks explain every
+    row. Several predictors with different ``output`` names make an
     ensemble; a later model may use an earlier one's score as a feature.
     """
 
@@ -68,6 +73,7 @@ class XGBoostPredictor(BaseStage):
         output: str = "score",
         reasons: int = 0,
         reasons_method: Literal["approx", "exact"] = "approx",
+        reasons_for: Literal["positive", "all"] = "positive",
         model_identity: bool = False,
         nthread: int = 1,
     ) -> None:
@@ -81,6 +87,9 @@ class XGBoostPredictor(BaseStage):
         self.model_identity = model_identity
         self.reasons = reasons
         self.approx_reasons = reasons_method == "approx"
+        if reasons_for not in ("positive", "all"):
+            raise ValueError(f"reasons_for must be 'positive' or 'all', not {reasons_for!r}")
+        self.reasons_for = reasons_for
         self.nthread = nthread
         self.load_error: str | None = None
         self.ref: str | int = version if version is not None else alias or "champion"
@@ -203,6 +212,7 @@ class XGBoostPredictor(BaseStage):
         good = matrix[~bad] if bad.any() else matrix
         columns: dict[str, Any] = {}
         predicted_class: np.ndarray[Any, Any] | None = None
+        explain = ~bad  # the rows that get reasons
         if meta.task == "multiclass":
             predicted_class = self._classify(columns, loaded, good, bad)
         else:
@@ -213,15 +223,20 @@ class XGBoostPredictor(BaseStage):
             columns[self.output] = scores
             if meta.task == "binary":
                 columns[f"{self.output}_threshold"] = meta.threshold
+                if self.reasons_for == "positive":
+                    explain = explain & (scores >= meta.threshold)
         columns[f"{self.output}_model"] = meta.name
         columns[f"{self.output}_version"] = meta.version
         if self.model_identity:
             columns[MODEL_NAME] = meta.name
             columns[MODEL_VERSION] = meta.version
         if self.reasons:
-            top = self._top_reasons(loaded, good, predicted_class) if len(good) else []
+            rows = np.flatnonzero(explain)
+            top = self._top_reasons(loaded, matrix[rows], predicted_class) if len(rows) else []
             reasons = np.full(len(batch), None, dtype=object)  # None for a row not scored
-            for i, row in zip(np.flatnonzero(~bad), top, strict=True):
+            for i in np.flatnonzero(~bad & ~explain):
+                reasons[i] = []  # scored, not explained
+            for i, row in zip(rows, top, strict=True):
                 reasons[i] = row
             columns[f"{self.output}_reasons"] = reasons
         out = with_columns(batch, columns)

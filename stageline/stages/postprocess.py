@@ -17,7 +17,10 @@ DECISION = (
     OutputSpec(
         name="reasons",
         type="str_list",
-        description="The features that pushed the score up most, strongest first.",
+        description=(
+            "The features that pushed the score up most, strongest first, for a positive "
+            "label (empty for a negative one, unless the model stage has reasons_for: all)."
+        ),
     ),
 )
 

@@ -133,7 +133,12 @@ def extra_app(
 
 
 def test_predict_answers_with_prediction_model_and_request_id(fraud_url: str, good_record: Json):
-    records = [good_record, {**good_record, "transaction_id": "t-2", "amount": 9000.0}]
+    # The second: a foreign electronics purchase at 3 am, which the demo's model flags.
+    flagged = {"amount": 900.0, "country": "BR", "ts": "2026-01-15T03:00:00Z"}
+    records = [
+        good_record,
+        {**good_record, **flagged, "transaction_id": "t-2", "merchant_category": "electronics"},
+    ]
     resp = post(f"{fraud_url}/predict", {"records": records})
 
     assert resp.status_code == 200, resp.text
@@ -145,8 +150,10 @@ def test_predict_answers_with_prediction_model_and_request_id(fraud_url: str, go
         assert set(p) == {"transaction_id", "score", "label", "reasons"}
         assert 0.0 <= p["score"] <= 1.0
         assert isinstance(p["label"], bool)
-        assert p["reasons"]
+        # Reasons explain a positive label; a negative one has none.
+        assert len(p["reasons"]) == (3 if p["label"] else 0), p
         assert all(isinstance(r, str) for r in p["reasons"])
+    assert [p["label"] for p in body["predictions"]] == [False, True]
     assert body["request_id"] == resp.headers["x-request-id"]
 
 

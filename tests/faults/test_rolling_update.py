@@ -30,11 +30,18 @@ def test_redeploy_with_new_stage_options_under_load_drops_nothing(
     """The app redeployed with the model stage's ``reasons`` changed from 3 to 2 while 4
     clients send requests: every replica is replaced, and not one request fails (no
     client retry)."""
-    v1 = fraud_variant(tmp_path / "v1", serve=PLACEMENTS[placement])
+    # Every record explained (not only those labelled positive), so each answer shows
+    # which version gave it.
+    model = {"model": "fraud", "alias": "champion", "reasons_for": "all"}
+    v1 = fraud_variant(
+        tmp_path / "v1",
+        serve=PLACEMENTS[placement],
+        stages={"model": {"params": {**model, "reasons": 3}}},
+    )
     v2 = fraud_variant(
         tmp_path / "v2",
         serve=PLACEMENTS[placement],
-        stages={"model": {"params": {"model": "fraud", "alias": "champion", "reasons": 2}}},
+        stages={"model": {"params": {**model, "reasons": 2}}},
     )
     url = deploy_app(serve_base, APP, spec=str(v1), home=str(demo_home))
     try:

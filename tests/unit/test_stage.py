@@ -296,3 +296,25 @@ def test_stage_output_is_merged_back_around_bad_rows_for_every_dtype() -> None:
     assert out.loc[good, "note"].tolist() == ["ok", "ok"]
     assert out.loc[bad, "note"].isna().all()
     assert out["_error"].tolist() == [None, "validate: amount: bad", None, "features: down"]
+
+
+def test_reasons_explain_positive_labels_and_every_row_when_asked(
+    fraud_pipeline: Pipeline, holdout: pd.DataFrame, demo_home: Path
+) -> None:
+    """The shipped model stage explains the rows it labels positive (adverse-action
+    codes); ``reasons_for: all`` explains every row, and the scores are the same."""
+    rows = holdout[list(fraud_pipeline.spec.request.fields)].head(3000)
+    by_default = fraud_pipeline.predict(rows)
+    labels = by_default["label"].astype(bool).to_numpy()
+    assert 0 < labels.sum() < len(labels)
+    assert all(len(r) == 3 for r in by_default["reasons"][labels])
+    assert all(r == [] for r in by_default["reasons"][~labels])
+
+    data = fraud_pipeline.spec.model_dump(mode="json", exclude_unset=True)
+    model = next(s for s in data["stages"] if s["name"] == "model")
+    model["params"]["reasons_for"] = "all"
+    every_row = Pipeline(type(fraud_pipeline.spec).model_validate(data), demo_home).predict(rows)
+
+    assert np.array_equal(every_row["score"].to_numpy(), by_default["score"].to_numpy())
+    assert all(len(r) == 3 for r in every_row["reasons"])
+    assert every_row["reasons"][labels].tolist() == by_default["reasons"][labels].tolist()
