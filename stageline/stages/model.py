@@ -56,7 +56,7 @@ class XGBoostPredictor(BaseStage):
     on one core). A binary model explains only the rows it labels positive (score
     at or over the model version's threshold), as adverse-action codes do: the others
     get an empty list, and contributions cost about four times the prediction itself
-    (``bench/results/request-path.md``). ``reasons_for: all`` explains every row (and a
+    (``bench/results/request-path/README.md``). ``reasons_for: all`` explains every row (and a
     Decision stage that pins its own threshold wants that). Other tasks explain every
     row. Several predictors with different ``output`` names make an
     ensemble; a later model may use an earlier one's score as a feature.
