@@ -15,6 +15,7 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -50,6 +51,7 @@ from stageline.service import (
 )
 from stageline.spec import PipelineSpec
 from stageline.stage import StageStatus
+from stageline.stages.validate import records_frame
 
 log = logging.getLogger("ray.serve")
 Response = DeploymentResponse[pd.DataFrame]
@@ -65,15 +67,18 @@ def placement_runner(
     """The runner for ``spec``'s placement: every stage in this replica
     (:class:`~stageline.service.ChainRunner`), or the stage deployments behind
     ``handles`` with any inline stages between them (:class:`HandleRunner`).
-    Validation always runs here first. A stage placed inline runs (and is measured)
-    on its own, as in a deployment. Finished frames go to ``prediction_log``, if any."""
+    The records were validated by the schema's record model (the request codec), so
+    their frame is built here typed as the validation stage would give it
+    (:func:`~stageline.stages.validate.records_frame`), not validated again. A stage
+    placed inline runs (and is measured) on its own, as in a deployment. Finished
+    frames go to ``prediction_log``, if any."""
     contract = (
         OutputContract(spec) if prediction_log is None else LoggedContract(spec, prediction_log)
     )
-    validate = StageChain(spec, [], Path(home), validate=True)
+    start = partial(records_frame, schema=spec.request)
     by_ref = spec.serve.stage_calls == "actor"
     remote = iter(by_reference(h, by_ref) for h in handles)
-    steps: list[Step] = [LocalRun([validate], contract, first=True)]
+    steps: list[Step] = [LocalRun([], contract, start=start)]
     for segment in spec.segments():
         if not segment.inline:
             steps.append(next(remote))
@@ -88,7 +93,7 @@ def placement_runner(
         local = cast(LocalRun, steps[0]).chains
         # Every stage is here: declared outputs no stage gives are refused at start.
         check_outputs_provided(spec, [pair for c in local for pair in _stages(c)])
-        return ChainRunner(local, contract)
+        return ChainRunner(local, contract, start)
     if isinstance(steps[-1], LocalRun):
         steps[-1].last = True
     return HandleRunner(steps, contract)

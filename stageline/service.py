@@ -110,20 +110,25 @@ class LocalRun:
     Between chains it checks whether the request was abandoned (its deadline passed):
     no chain after that one runs.
 
-    The first run of a request also builds its frame from the rows, and a run that
-    ends the pipeline also turns the output into records: the whole pandas part of a
-    request in one thread call, not spread over the event loop around it."""
+    The first run of a request also builds its frame from the rows (with ``start``),
+    and a run that ends the pipeline also turns the output into records: the whole
+    pandas part of a request in one thread call, not spread over the event loop
+    around it."""
 
     def __init__(
-        self, chains: list[Chain], contract: OutputContract, *, first: bool = False
+        self,
+        chains: list[Chain],
+        contract: OutputContract,
+        *,
+        start: Callable[[list[Record]], pd.DataFrame] | None = None,
     ) -> None:
         self.chains = chains
         self.contract = contract
-        self.first = first
+        self.start = start
         self.last = False
 
     def __call__(self, data: Any, abandoned: threading.Event) -> Any:
-        frame = pd.DataFrame.from_records(data) if self.first else data
+        frame = self.start(data) if self.start is not None else data
         for chain in self.chains:
             if abandoned.is_set():
                 raise AbandonedError
@@ -157,11 +162,23 @@ class LocalRuns:
                 raise
 
 
-class ChainRunner:
-    """Every stage in this process: the ``local`` placement, and ``stageline predict``."""
+def records_to_frame(rows: list[Record]) -> pd.DataFrame:
+    """The rows as they are, one column per key: for chains that validate them first."""
+    return pd.DataFrame.from_records(rows)
 
-    def __init__(self, chains: Sequence[Chain], contract: OutputContract) -> None:
-        self.step = LocalRun(list(chains), contract, first=True)
+
+class ChainRunner:
+    """Every stage in this process: the ``local`` placement, and ``stageline predict``.
+
+    ``start`` makes the first frame from the records (by default, as they are)."""
+
+    def __init__(
+        self,
+        chains: Sequence[Chain],
+        contract: OutputContract,
+        start: Callable[[list[Record]], pd.DataFrame] = records_to_frame,
+    ) -> None:
+        self.step = LocalRun(list(chains), contract, start=start)
         self.step.last = True
         self.local = LocalRuns()
 

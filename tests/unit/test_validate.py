@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from stageline import Pipeline
+from stageline.pipeline import StageChain
 from stageline.spec import RequestSchema, load_spec
-from stageline.stages.validate import RAW_COLUMN, validate_frame
+from stageline.stages.validate import RAW_COLUMN, records_frame, validate_frame
 
 # One field of each kind, with every bound: the rules fraud.yaml does not exercise.
 TINY_SPEC = """\
@@ -246,3 +249,139 @@ def test_quarantined_record_keeps_its_original_json(
     assert frame[RAW_COLUMN].isna().tolist() == [True, False]
     # The record as the client sent it, not as validation coerced it.
     assert json.loads(str(frame.loc[1, RAW_COLUMN])) == bad
+
+
+# --------------------------------------------------------------------------- typed records
+
+# Every field type as required, nullable and defaulted: the ways a column gets its dtype.
+WIDE_SPEC = """\
+name: wide
+request:
+  id_field: id
+  fields:
+    id: {type: str, max_length: 12}
+    i: {type: int}
+    i_null: {type: int, required: false}
+    i_def: {type: int, default: 7}
+    f: {type: float}
+    f_null: {type: float, required: false}
+    f_def: {type: float, default: 0.5}
+    b: {type: bool}
+    b_null: {type: bool, required: false}
+    b_def: {type: bool, default: true}
+    c: {type: category, values: [red, green]}
+    c_null: {type: category, values: [red, green], required: false}
+    s_null: {type: str, required: false}
+    s_def: {type: str, default: none-given}
+    t: {type: datetime}
+    t_null: {type: datetime, required: false}
+stages:
+  - name: postprocess
+    uses: stageline.stages.postprocess:Decision
+"""
+
+_INTS = st.one_of(
+    st.integers(-(2**63), 2**63),
+    st.sampled_from([2**53, 2**53 + 1, -(2**53) - 1, 2**63 - 1, -(2**63) + 1]),
+)
+# Per type: (values of its own kind, values a client may send instead).
+_RAW: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]] = {
+    "int": (
+        st.integers(-(10**6), 10**6),
+        st.one_of(_INTS, _INTS.map(str), st.floats(-1e20, 1e20), st.booleans()),
+    ),
+    "float": (
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.one_of(
+            st.just(math.nan), st.integers(-(2**70), 2**70),
+            st.sampled_from(["1.5", "-0", "1e3", "x"]),
+        ),
+    ),
+    "bool": (st.booleans(), st.sampled_from([0, 1, "true", "no", "yes", 2])),
+    "category": (st.sampled_from(["red", "green"]), st.sampled_from(["blue", 1])),
+    "str": (st.text(max_size=12), st.one_of(
+        st.text(min_size=13), st.integers(-999, 999), st.floats(-5, 5))),
+    "datetime": (
+        st.datetimes(datetime(1971, 1, 1), datetime(2100, 1, 1)),
+        st.one_of(
+            st.datetimes(datetime(1678, 1, 2), datetime(2261, 12, 30)),
+            st.datetimes(
+                datetime(1700, 1, 1), datetime(2200, 1, 1),
+                timezones=st.sampled_from(
+                    [timezone.utc, timezone(timedelta(hours=-7, minutes=-30))]
+                ),
+            ),
+            st.datetimes(datetime(1971, 1, 1), datetime(2100, 1, 1)).map(datetime.isoformat),
+            st.integers(0, 4_000_000_000_000),
+        ),
+    ),
+}  # fmt: skip
+
+
+@st.composite
+def _raw_records(draw: st.DrawFn, schema: RequestSchema) -> list[dict[str, Any]]:
+    """1 to 4 records as clients send them: values of each field's own kind, but in
+    about half the records one field given another kind (a number as text, an epoch
+    time, a huge int); optional fields null or left out; with the prediction log's
+    extra keys or without."""
+    extras = draw(st.booleans())
+    out = []
+    for _ in range(draw(st.integers(1, 4))):
+        record: dict[str, Any] = {}
+        odd = draw(st.sampled_from([*schema.fields, *[None] * len(schema.fields)]))
+        for name, field in schema.fields.items():
+            if not field.is_required and draw(st.booleans()):
+                if draw(st.booleans()):
+                    record[name] = None
+                continue
+            usual, other = _RAW[field.type]
+            record[name] = draw(other if name == odd else usual)
+        out.append(record)
+    return (
+        out if not extras else [{**r, "_rid": f"r{i}", "_at": 1.5 + i} for i, r in enumerate(out)]
+    )
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory: pytest.TempPathFactory) -> StageChain:
+    """The validation stage alone, on ``WIDE_SPEC``."""
+    home = tmp_path_factory.mktemp("wide")
+    (home / "wide.yaml").write_text(WIDE_SPEC)
+    return StageChain(load_spec(home / "wide.yaml"), [], home, validate=True)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_records_the_record_model_accepted_are_typed_as_validation_types_them(
+    wide: StageChain, data: st.DataObject
+) -> None:
+    """Online, a record is validated once (by the record model) and its frame is built
+    typed: the same frame, value for value and dtype for dtype, as validating it again."""
+    schema = wide.spec.request
+    model = schema.record_model()
+    accepted: list[dict[str, Any]] = []
+    for record in data.draw(_raw_records(schema)):
+        extra: dict[str, Any] = {k: record.pop(k) for k in ("_rid", "_at") if k in record}
+        try:
+            accepted.append({**model.model_validate(record).model_dump(), **extra})
+        except ValidationError:
+            continue
+    assume(accepted)
+    validated = wide(pd.DataFrame.from_records(accepted))
+    typed = records_frame(accepted, schema)
+    pd.testing.assert_frame_equal(typed, validated, check_exact=True)
+    assert list(typed.columns) == list(validated.columns)
+
+
+def test_a_missing_optional_bool_stays_missing(wide: StageChain) -> None:
+    """An optional bool without a default left out is unknown, not false, in batch and
+    online alike (the model sees a missing value, as for any other optional field)."""
+    record = {"id": "r", "i": 1, "f": 0.5, "b": True, "c": "red", "t": "2026-01-20T10:15:00Z"}
+    online = wide.spec.request.record_model().model_validate(record).model_dump()
+    for frame in (
+        wide(pd.DataFrame([record, {**record, "b_null": True}])),
+        records_frame([online, {**online, "b_null": True}], wide.spec.request),
+    ):
+        assert frame["b_null"].isna().tolist() == [True, False]
+        assert frame["b_def"].tolist() == [True, True]  # a default fills in
+        assert frame["_error"].isna().all()
