@@ -15,7 +15,10 @@ from stageline.stages.transform import on_demand
 def fraud_features(batch: pd.DataFrame) -> pd.DataFrame:
     """Amount relative to the customer's habit, time of day, and a foreign-country flag."""
     amount = batch["amount"].to_numpy(dtype="float64")
-    hour = pd.to_datetime(batch["ts"], utc=True).dt.hour.to_numpy()
+    ts = batch["ts"]
+    if not (isinstance(ts.dtype, pd.DatetimeTZDtype) and str(ts.dtype.tz) == "UTC"):
+        ts = pd.to_datetime(ts, utc=True)  # validated frames have UTC times already
+    hour = ts.dt.hour.to_numpy()
     return pd.DataFrame(
         {
             "amount_to_avg": amount / (batch["avg_amount_30d"].to_numpy(dtype="float64") + 1.0),

@@ -107,11 +107,13 @@ class OnDemandTransform(BaseStage):
     def process(self, batch: pd.DataFrame) -> pd.DataFrame:
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # marked below
             new = self.transform(batch)
-        out = with_columns(batch, {col: new[col].to_numpy() for col in new.columns})
-        numeric = [c for c in new.columns if new[c].dtype.kind in "fc"]
+        columns = {col: new[col].to_numpy() for col in new.columns}
+        out = with_columns(batch, columns)
+        # Checked on the arrays: a sub-frame of the new columns costs more than the
+        # transform itself on one row.
+        numeric = [c for c, v in columns.items() if v.dtype.kind in "fc"]
         if numeric:
-            values = new[numeric].to_numpy(dtype="float64")
-            broken = ~np.isfinite(values)
+            broken = ~np.isfinite(np.column_stack([columns[c] for c in numeric]))
             rows = broken.any(axis=1)
             if rows.any():
                 names = np.array(numeric, dtype=object)
