@@ -149,6 +149,10 @@ class OutputContract:
         field, and ``error``; the same in every runtime."""
         # One constructor call, not a column at a time: on the one-row frames of online
         # requests, pandas' per-call overhead is most of the cost.
+        return pd.DataFrame(self._columns(scored), index=scored.index)
+
+    def _columns(self, scored: pd.DataFrame) -> dict[str, pd.Series[Any] | None]:
+        """:meth:`frame`'s columns, by name."""
         columns: dict[str, Any] = {}
         if self.id_field in scored:
             columns[self.id_field] = scored[self.id_field]
@@ -168,11 +172,11 @@ class OutputContract:
             columns[ERROR] = pd.Series(None, index=scored.index, dtype=object)
         else:
             columns[ERROR] = error.astype(object).where(error.notna(), None)
-        return pd.DataFrame(columns, index=scored.index)
+        return columns
 
     def records(self, scored: pd.DataFrame) -> list[Record]:
-        """:meth:`frame` as JSON-ready dicts."""
-        return records(self.frame(scored))
+        """:meth:`frame` as JSON-ready dicts (made from its columns, without the frame)."""
+        return _records(self._columns(scored), len(scored))
 
     # -- /predict ----------------------------------------------------------------------
 
@@ -251,15 +255,22 @@ def predictions(scored: pd.DataFrame, spec: PipelineSpec) -> pd.DataFrame:
 
 def records(frame: pd.DataFrame) -> list[Record]:
     """JSON-ready dicts: NaN becomes null, numpy scalars become Python ones."""
+    return _records({name: frame[name] for name in frame.columns}, len(frame))
+
+
+def _records(named: Mapping[Any, pd.Series[Any] | None], rows: int) -> list[Record]:
+    """:func:`records` of a frame of ``rows`` rows with these columns (None: all null)."""
     columns = []
-    for name in frame.columns:
-        series = frame[name]
+    for series in named.values():
+        if series is None:
+            columns.append([None] * rows)
+            continue
         missing = series.isna().to_numpy()
         values = series.to_numpy(dtype=object)
         columns.append(
             [None if gone else _plain(v) for v, gone in zip(values, missing, strict=True)]
         )
-    names = [str(k) for k in frame.columns]
+    names = [str(k) for k in named]
     return [dict(zip(names, row, strict=True)) for row in zip(*columns, strict=True)]
 
 

@@ -49,13 +49,14 @@ class Decision(BaseStage):
 
     def process(self, batch: pd.DataFrame) -> pd.DataFrame:
         s = self.score
-        threshold = batch[f"{s}_threshold"] if self.threshold is None else self.threshold
+        # On NumPy arrays: each Series operation costs more than the work on a few rows.
+        threshold = batch[f"{s}_threshold"].to_numpy() if self.threshold is None else self.threshold
         reasons = batch.get(f"{s}_reasons")
         columns = {
-            "label": (batch[s] >= threshold).to_numpy(),
+            "label": batch[s].to_numpy() >= threshold,
             "reasons": list(reasons) if reasons is not None else [[] for _ in range(len(batch))],
-            "model_name": batch[f"{s}_model"].astype(object),
-            "model_version": batch[f"{s}_version"].astype("int64"),
+            "model_name": batch[f"{s}_model"].to_numpy(dtype=object),
+            "model_version": batch[f"{s}_version"].to_numpy(dtype="int64"),
         }
         if s != "score" or batch[s].dtype != "float64":  # else it is the score already
             columns = {"score": batch[s].astype("float64"), **columns}
