@@ -86,6 +86,11 @@ def test_capacity_smoke(tmp_path: Path, bench_home: Path) -> None:
     assert all(r["cpu_ms"] > 0 and r["calls"] >= 5 for r in record["rows"]), record["rows"]
     fits, plan = record["summary"]["fits"], record["summary"]["plan"]
     assert list(fits) == stages
+    # The whole path in process and the online one, each against the model's floor.
+    floors = record["summary"]["floor"]
+    assert [f["rows"] for f in floors] == [1, 10]
+    assert all(f["predict_cpu_ms"] > f["floor_cpu_ms"] > 0 for f in floors), floors
+    assert all(f["online_cpu_ms"] > f["floor_cpu_ms"] for f in floors), floors
     assert all(f["fixed_ms"] >= 0 and f["per_row_ms"] >= 0 for f in fits.values()), fits
     # 2000 requests/s need more than one replica of some stage, and at least one node.
     assert list(plan["stages"]) == stages
