@@ -57,6 +57,12 @@ class FieldSpec(SpecModel):
         bounds = [b for b in ("ge", "gt", "le", "lt") if getattr(self, b) is not None]
         if bounds and not numeric:
             raise ValueError(f"bounds {bounds} only apply to int and float fields, not {self.type}")
+        fractional = [b for b in bounds if not float(getattr(self, b)).is_integer()]
+        if self.type == "int" and fractional:
+            raise ValueError(
+                f"bounds of an int field are whole numbers: {fractional[0]} is "
+                f"{getattr(self, fractional[0])}"
+            )
         if self.type == "category" and not self.values:
             raise ValueError("a category field needs 'values': the list of allowed categories")
         if self.type != "category" and self.values is not None:
@@ -173,6 +179,8 @@ def _pydantic_field(name: str, spec: FieldSpec) -> tuple[Any, Any]:
         for k in ("ge", "gt", "le", "lt", "max_length")
         if getattr(spec, k) is not None
     }
+    if spec.type == "int":  # an int's bounds as ints: pydantic refuses 1e20 as a float
+        constraints = {k: int(v) for k, v in constraints.items()}
     annotation: Any
     if spec.type == "category":
         annotation = Literal[tuple(spec.values or ())]

@@ -573,3 +573,26 @@ def test_graph_fuse_groups_stages_in_the_graph_only_and_is_checked(tmp_path: Pat
     data["serve"]["graph"] = {"fuse": [["ghost"]]}
     with pytest.raises(SpecError, match=r"serve\.graph\.fuse names unknown stage"):
         load_spec(_write(tmp_path, data))
+
+
+def test_an_int_field_takes_whole_bounds_only_and_any_size_of_them() -> None:
+    """A fractional bound on an int field is a spec error naming it, at load; a whole one
+    beyond int64 (written 1e20 in YAML, a float) works online and in batch alike."""
+    from stageline.spec import RequestSchema
+
+    with pytest.raises(ValidationError, match="bounds of an int field are whole numbers: le"):
+        RequestSchema.model_validate(
+            {"id_field": "id", "fields": {"id": {"type": "str"}, "n": {"type": "int", "le": 1.5}}}
+        )
+    schema = RequestSchema.model_validate(
+        {
+            "id_field": "id",
+            "fields": {"id": {"type": "str"}, "n": {"type": "int", "ge": -1e20, "lt": 10}},
+        }
+    )
+    model = schema.record_model()
+    assert model.model_validate({"id": "a", "n": -(2**62)}).model_dump()["n"] == -(2**62)
+    with pytest.raises(ValidationError):
+        model.model_validate({"id": "a", "n": 10})
+    checked = validate_frame(pd.DataFrame({"id": ["a", "b"], "n": [-(2**40), 10]}), schema)
+    assert checked["_error"].isna().tolist() == [True, False]
