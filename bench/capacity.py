@@ -9,7 +9,9 @@ it the replicas per stage and the nodes a target rate needs in the ``graph`` pla
    ``--home``; with ``--trees N`` the model stage serves ``bench.heavy``'s model of N
    deep trees (``fraud@heavy``) instead of the demo's.
 2. For frames of :data:`SIZES` rows (the demo's held-out records, each its own
-   transaction id), each stage called on the frame the stages before it produced,
+   transaction id), each stage called on the frame the stages before it produced
+   (validation: what the ingress runs once the record model has validated the records,
+   their frame typed as the validation stage types it),
    repeatedly, for about ``1 s`` per stage and size: the CPU time of the calling thread
    (``time.thread_time``: what the stage costs whatever else runs on the machine) and
    the wall time, medians over the calls.
@@ -66,11 +68,6 @@ SECONDS = 1.0
 """About how long each stage is called at each size."""
 
 
-def frame_of(record: dict[str, Any], rows: int) -> pd.DataFrame:
-    """``rows`` copies of ``record``, each its own transaction id."""
-    return pd.DataFrame.from_records(copies(record, rows))
-
-
 def timed(call: Callable[[], Any], seconds: float) -> dict[str, Any]:
     """Median CPU (of this thread) and wall ms of ``call`` over about ``seconds`` of
     calls (at least 5)."""
@@ -85,14 +82,22 @@ def timed(call: Callable[[], Any], seconds: float) -> dict[str, Any]:
     return {"calls": len(cpu), "cpu_ms": statistics.median(cpu), "wall_ms": statistics.median(wall)}
 
 
-def measure(chain: StageChain, frame: pd.DataFrame, seconds: float) -> list[dict[str, Any]]:
-    """Each stage of ``chain`` on what the stages before it made of ``frame``: median
-    CPU and wall ms per call over about ``seconds`` of calls (at least 5)."""
+def measure(
+    chain: StageChain, records: list[dict[str, Any]], seconds: float
+) -> list[dict[str, Any]]:
+    """Each stage of ``chain`` on what the stages before it made of ``records``: median
+    CPU and wall ms per call over about ``seconds`` of calls (at least 5). Validation is
+    what the ingress does once the record model has validated the records: their frame
+    typed as the validation stage would type it."""
     out = []
-    current = frame
+    model = chain.spec.request.record_model()
+    validated = [model.model_validate(r).model_dump() for r in records]
+    current = pd.DataFrame.from_records(records)
     for name, stage in chain:
-        call = functools.partial(stage, current)
-        out.append({"stage": name, "rows": len(frame), **timed(call, seconds)})
+        call: Callable[[], pd.DataFrame] = functools.partial(stage, current)
+        if name == "validate":
+            call = functools.partial(records_frame, validated, chain.spec.request)
+        out.append({"stage": name, "rows": len(records), **timed(call, seconds)})
         current = call()
     return out
 
@@ -192,10 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         _, alias = parse_model_ref(register_heavy_model(home, args.trees))
         chain.reconfigure({"model": {"alias": alias}})
     sizes, seconds = (SMOKE_SIZES, 0.05) if args.smoke else (SIZES, SECONDS)
-    measure(chain, frame_of(record, sizes[-1]), seconds)  # warm-up: first calls cost more
+    measure(chain, copies(record, sizes[-1]), seconds)  # warm-up: first calls cost more
     rows = []
     for size in sizes:
-        rows += measure(chain, frame_of(record, size), seconds)
+        rows += measure(chain, copies(record, size), seconds)
         print(f"measured {size} rows per call", flush=True)
     floors = [measure_floor(chain, copies(record, size), seconds) for size in sizes]
     fits = fit(rows)

@@ -28,7 +28,7 @@ from typing import Any
 
 import requests
 
-from bench.capacity import frame_of, measure
+from bench.capacity import measure
 from bench.online import HOME, JSON_HEADERS, TARGETS, demo_request, serving
 from bench.report import add_run_options, markdown, scratch, write
 from stageline.pipeline import StageChain
@@ -98,9 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     _, record, body = demo_request(home)
     spec = load_spec(ROOT / DEFAULT_SPEC)
     chain = StageChain(spec, [s.name for s in spec.stages], home, validate=True)
-    frame = frame_of(record, 1)
-    measure(chain, frame, 0.05)  # warm-up: first calls cost more
-    alone = {r["stage"]: r["wall_ms"] for r in measure(chain, frame, 0.05 if args.smoke else 1.0)}
+    measure(chain, [record], 0.05)  # warm-up: first calls cost more
+    alone = {
+        r["stage"]: r["wall_ms"] for r in measure(chain, [record], 0.05 if args.smoke else 1.0)
+    }
 
     latencies: list[float] = []
     work = scratch(args.results)
