@@ -29,6 +29,7 @@ from stageline.registry import LocalRegistry, ModelMetadata
 from stageline.spec import PipelineSpec, SpecError, StageSpec, resolve_class
 from stageline.spec_training import TrainingSpec
 from stageline.stage import ERROR_COLUMN, StageError, error_mask
+from stageline.stages.combine import SCORE_QUANTILES
 from stageline.stages.features import FeatureLookup
 from stageline.stages.model import XGBoostPredictor
 from stageline.stages.transform import apply_encoders, fit_encoders
@@ -36,6 +37,9 @@ from stageline.stages.validate import validate_frame
 
 PROFILE_BINS = 10
 """Histogram bins per feature in a training profile (deciles of the training part)."""
+REFERENCE_QUANTILES = 1001
+"""Quantiles of the held-out scores a training profile keeps (every 0.1 %): fine enough
+to rank a fraud score in the top percent, small enough (about 20 kB) for the metadata."""
 _LABELS = {"1": 1, "0": 0, "1.0": 1, "0.0": 0, "true": 1, "false": 0}
 
 
@@ -387,7 +391,13 @@ def profile(
     """What a model was trained on, for monitoring: each feature's histogram over the
     training part (bin edges at its deciles) and the score's over the held-out part
     (what the model gives on events it has not seen). Live traffic binned on the same
-    edges gives the population stability index of each (:func:`psi`)."""
+    edges gives the population stability index of each (:func:`psi`).
+
+    Also the held-out scores' quantiles (:data:`REFERENCE_QUANTILES`, evenly spaced from
+    the lowest to the highest): the reference an ensemble's ``rank`` method ranks this
+    model's scores against (:mod:`stageline.stages.combine`)."""
+    present = scores[~np.isnan(scores)].astype("float64")
+    quantiles = np.quantile(present, np.linspace(0, 1, REFERENCE_QUANTILES)) if len(present) else []
     return {
         "bins": PROFILE_BINS,
         "rows": len(frame),
@@ -395,6 +405,7 @@ def profile(
             f: histogram(frame[f].to_numpy(dtype="float64", na_value=np.nan)) for f in features
         },
         "score": histogram(scores.astype("float64")),
+        SCORE_QUANTILES: [float(q) for q in quantiles],
     }
 
 

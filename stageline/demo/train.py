@@ -9,11 +9,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+
 from stageline._io import atomic_write_bytes, atomic_write_parquet
 from stageline.features import OfflineStore, materialize
 from stageline.registry import ModelMetadata
-from stageline.spec import PipelineSpec
-from stageline.training import train
+from stageline.spec import PipelineSpec, SpecError, resolve_class
+from stageline.spec_training import TrainingSpec
+from stageline.stages.model import XGBoostPredictor
+from stageline.training import Trained, train
 
 from . import data
 
@@ -32,6 +36,19 @@ class DemoResult:
     home: Path
     holdout: Path
     seconds: float
+
+
+LITE_MODEL = "fraud_lite"
+"""The ensemble example's second model (``pipelines/fraud-ensemble.yaml``)."""
+LITE_TRAINING = TrainingSpec(
+    label="is_fraud",
+    params={"max_depth": 3, "eta": 0.3, "nthread": 2, "seed": 11},
+    rounds=40,
+    features=("amount_to_avg", "is_foreign", "is_night", "account_age_days", "txn_count_7d"),
+)
+"""How the demo trains ``fraud_lite``: shallower, fewer rounds and five of the features
+the champion sees, so that it scores differently (an ensemble of two equal models is
+one model)."""
 
 
 def demo_exists(home: Path) -> bool:
@@ -78,3 +95,31 @@ def build_demo(
     }
     atomic_write_bytes(home / MARKER, json.dumps(marker, indent=2).encode())
     return DemoResult(meta, home, holdout, seconds)
+
+
+def train_lite(spec: PipelineSpec, home: Path, *, seed: int = 11) -> Trained:
+    """Train and register the ensemble's second model, :data:`LITE_MODEL`, on the demo's
+    events under ``home`` (build the demo first), with :data:`LITE_TRAINING`: the stages
+    of ``spec`` before its model stages compute its features, as when it serves."""
+    lite = [s for s in spec.stages if s.params.get("model") == LITE_MODEL]
+    if not lite:
+        raise SpecError(
+            f"pipeline {spec.name!r} has no model stage for {LITE_MODEL!r} (params: "
+            f"{{model: {LITE_MODEL}}}) to train"
+        )
+    first = next(
+        i
+        for i, s in enumerate(spec.stages)
+        if issubclass(resolve_class(s.uses, spec.base_dir), XGBoostPredictor)
+    )
+    # The stages up to the first model stage, then the lite one: train() trains that one.
+    only_lite = spec.model_copy(
+        update={"stages": (*spec.stages[:first], lite[0]), "training": LITE_TRAINING}
+    )
+    return train(
+        only_lite,
+        pd.read_parquet(home / EVENTS),
+        home,
+        seed=seed,
+        description=f"demo ensemble's second model: {len(LITE_TRAINING.features or ())} features",
+    )

@@ -36,6 +36,18 @@ def ensure_demo(spec: PipelineSpec, home: Path) -> None:
             print(f"batch input: {len(parts)} files under {parts[0].parent}", file=sys.stderr)
 
 
+def ensure_ensemble(spec: PipelineSpec, home: Path) -> None:
+    """The ensemble example's setup (``pipelines/fraud-ensemble.yaml``): the demo world,
+    then its second model, ``fraud_lite``, trained once on the demo's events when the
+    home has none (a few seconds; the demo alone never trains it)."""
+    from stageline.demo.train import LITE_MODEL, train_lite
+
+    ensure_demo(spec, home)
+    if not (home / "models" / LITE_MODEL).exists():
+        print(f"training the ensemble's second model, {LITE_MODEL} ...", file=sys.stderr)
+        print(train_lite(spec, home).summary(), file=sys.stderr)
+
+
 def example_record(spec: PipelineSpec, home: Path) -> dict[str, Any]:
     """One record to show in an example request.
 
