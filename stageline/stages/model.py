@@ -13,6 +13,7 @@ import xgboost as xgb
 from stageline.context import StageContext
 from stageline.outputs import MODEL
 from stageline.registry import LoadedModel, ModelMetadata, RegistryError, Task
+from stageline.spec import resolve_class
 from stageline.stage import (
     BaseStage,
     ServedModel,
@@ -80,6 +81,7 @@ class XGBoostPredictor(BaseStage):
         super().__init__(name=context.stage_name)
         if alias is not None and version is not None:
             raise ValueError("give either alias or version, not both")
+        _check_alone(context, output, model_identity)
         self.registry = context.registry()
         self.model_name = model
         self.task = task
@@ -298,3 +300,28 @@ class XGBoostPredictor(BaseStage):
         k = min(self.reasons, contribs.shape[1])
         top = np.argsort(-contribs, axis=1, kind="stable")[:, :k]
         return [list(row) for row in names[top]]
+
+
+def _check_alone(context: StageContext, output: str, model_identity: bool) -> None:
+    """Refuse a second model stage of the spec writing the same columns as an earlier
+    one (its ``output``; ``model_name`` with ``model_identity``): the later would
+    overwrite the earlier's scores on every row, silently."""
+    spec = context.spec
+    names = [s.name for s in spec.stages]
+    if context.stage_name not in names:  # built outside a spec's chain: nothing to clash
+        return
+    for stage in spec.stages[: names.index(context.stage_name)]:
+        if not issubclass(resolve_class(stage.uses, spec.base_dir), XGBoostPredictor):
+            continue
+        if (stage.params.get("output") or "score") == output:
+            raise StageError(
+                f"stage {context.stage_name!r} would write the columns of model stage "
+                f"{stage.name!r} ({output!r}, {output}_model...): give each model stage an "
+                f"output of its own (params: {{output: {output}_2}}), as an ensemble does"
+            )
+        if model_identity and stage.params.get("model_identity"):
+            raise StageError(
+                f"stages {stage.name!r} and {context.stage_name!r} both set model_identity: "
+                "only one model stage can say which model answers; an ensemble's Combine "
+                "stage says it (its first input's model)"
+            )

@@ -16,7 +16,8 @@ from stageline.predlog import REQUEST_ID, PredictionLog, scored_rows
 from stageline.registry import LocalRegistry
 from stageline.spec import PipelineSpec, SpecError, load_spec
 from stageline.stage import StageError
-from stageline.training import train
+from stageline.stages.combine import SCORE_QUANTILES, Reference
+from stageline.training import REFERENCE_QUANTILES, train
 from stageline_cli.main import main
 from tests.conftest import FRAUD_SPEC, SMALL_DEMO
 
@@ -65,6 +66,20 @@ def test_the_profile_bins_every_feature_and_the_score(demo: DemoResult) -> None:
     found = profile["features"]["customer_stats_found"]
     assert len(found["shares"]) == 2
     assert found["missing"] == 0.0
+
+
+def test_the_profile_keeps_the_held_out_scores_quantiles_to_rank_against(
+    demo: DemoResult, fraud_pipeline: Pipeline, holdout: pd.DataFrame
+) -> None:
+    quantiles = demo.model.profile[SCORE_QUANTILES]
+    assert len(quantiles) == REFERENCE_QUANTILES
+    assert quantiles == sorted(quantiles)
+    # Ranked against them (as an ensemble's rank method ranks), the held-out scores the
+    # model gives spread evenly from 0 to 1: the reference is this model's.
+    fields = list(fraud_pipeline.spec.request.fields)
+    scores = fraud_pipeline.predict(holdout[fields])["score"]
+    ranks = Reference(quantiles).rank(scores.to_numpy())
+    assert np.quantile(ranks, [0.1, 0.5, 0.9]) == pytest.approx([0.1, 0.5, 0.9], abs=0.01)
 
 
 def test_a_new_seed_is_a_new_version_and_the_serving_alias_by_default(home: Path) -> None:
