@@ -18,7 +18,7 @@ import pandas as pd
 from stageline.outputs import declared_outputs
 from stageline.spec import FieldSpec, OutputSpec, PipelineSpec, load_spec, resolve_class
 from stageline.stages.features import FeatureLookup
-from tests.conftest import DELIVERY_SPEC, FRAUD_SPEC
+from tests.conftest import DELIVERY_SPEC, ENSEMBLE_SPEC, FRAUD_SPEC
 
 TIERS_SPEC = Path(__file__).resolve().parent / "pipelines" / "tiers.yaml"
 
@@ -46,6 +46,8 @@ EXAMPLES = (
     Example("fraud", FRAUD_SPEC, "demo"),  # binary, outputs declared by Decision
     Example("tiers", TIERS_SPEC, "tiers_world"),  # multiclass, outputs declared in the spec
     Example("delivery", DELIVERY_SPEC, "delivery_world"),  # regression, shipped
+    # Two binary models combined (rank), outputs declared in the spec, shipped.
+    Example("fraud-ensemble", ENSEMBLE_SPEC, "ensemble_world"),
 )
 
 

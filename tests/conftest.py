@@ -17,6 +17,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -111,6 +112,28 @@ def register_challenger(home: Path) -> int:
         threshold=meta.threshold,
         aliases=["challenger"],
     ).version
+
+
+# The ensemble example: the demo's champion and a second model, combined.
+ENSEMBLE_SPEC = ROOT / "pipelines" / "fraud-ensemble.yaml"
+
+
+@dataclass(frozen=True)
+class EnsembleWorld:
+    home: Path
+    holdout: Path
+
+
+@pytest.fixture(scope="session")
+def ensemble_world(demo: DemoResult, tmp_path_factory: pytest.TempPathFactory) -> EnsembleWorld:
+    """The demo's world with the ensemble's second model trained in, as the example's
+    setup does on first use; a copy of its own, built once per session. Read-only."""
+    from stageline.demo.world import ensure_ensemble
+
+    home = tmp_path_factory.mktemp("ensemble-home") / "home"
+    shutil.copytree(demo.home, home, ignore=shutil.ignore_patterns("logs", "reports"))
+    ensure_ensemble(load_spec(ENSEMBLE_SPEC), home)
+    return EnsembleWorld(home, demo.holdout)
 
 
 # The second shipped example: delivery-time regression (pipelines/delivery/).

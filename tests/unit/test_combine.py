@@ -14,17 +14,20 @@ import xgboost
 
 from stageline import Pipeline
 from stageline.context import StageContext
+from stageline.demo.train import LITE_MODEL, LITE_TRAINING
 from stageline.pipeline import build_stage
 from stageline.registry import LocalRegistry
-from stageline.spec import PipelineSpec
+from stageline.spec import PipelineSpec, load_spec
 from stageline.stage import ERROR_COLUMN, StageError, mark_errors
 from stageline.stages.combine import Combine
+from stageline_cli.main import main
+from tests.conftest import ENSEMBLE_SPEC
 
 REQUEST = {
     "id_field": "id",
     "fields": {"id": {"type": "str"}, "x": {"type": "float"}, "y": {"type": "float"}},
 }
-MODEL_STAGES = [
+MODEL_STAGES: list[dict[str, Any]] = [
     {
         "name": "first",
         "uses": "stageline.stages.model:XGBoostPredictor",
@@ -338,3 +341,48 @@ def test_two_model_stages_writing_the_same_columns_are_refused_at_load(tmp_path:
     spec = PipelineSpec.model_validate({"name": "clash", "request": REQUEST, "stages": same})
     with pytest.raises(StageError, match="give each model stage an output of its own"):
         Pipeline(spec, home)
+
+
+# --------------------------------------------------------------------------- the example
+
+
+def test_the_example_ensemble_trains_its_second_model_on_first_use_and_scores(
+    demo_copy: Path,
+    fraud_pipeline: Pipeline,
+    holdout: pd.DataFrame,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+):
+    fields = list(fraud_pipeline.spec.request.fields)
+    source, out = tmp_path / "in.parquet", tmp_path / "out.parquet"
+    holdout[fields].head(500).to_parquet(source)
+    argv = ["predict", "--spec", str(ENSEMBLE_SPEC), "--home", str(demo_copy)]
+    argv += ["--input", str(source), "--output", str(out)]
+
+    assert main(argv) == 0
+    assert "training the ensemble's second model, fraud_lite" in capsys.readouterr().err
+    lite = LocalRegistry(demo_copy / "models").resolve(LITE_MODEL, "champion")
+    assert tuple(lite.features) == LITE_TRAINING.features
+    predicted = pd.read_parquet(out)
+    declared = [o.name for o in load_spec(ENSEMBLE_SPEC).outputs or ()]
+    assert declared == [
+        "score",
+        "label",
+        "models",
+        "score_main",
+        "score_lite",
+        "score_main_reasons",
+    ]
+    assert set(declared) <= set(predicted.columns)
+    assert predicted["error"].isna().all()
+    assert {tuple(m) for m in predicted["models"]} == {("fraud v1", "fraud_lite v1")}
+    # The champion scores in the ensemble exactly as it does alone (fraud.yaml).
+    alone = fraud_pipeline.predict(holdout[fields].head(500))
+    assert predicted["score_main"].tolist() == alone["score"].tolist()
+    assert predicted["score_lite"].tolist() != predicted["score_main"].tolist()
+    assert predicted["score"].between(0, 1).all()
+    assert 0 < predicted["label"].sum() < 500
+
+    assert main(argv) == 0  # its second model is there now: used, not trained again
+    assert "training" not in capsys.readouterr().err
+    assert [m.version for m in LocalRegistry(demo_copy / "models").versions(LITE_MODEL)] == [1]
