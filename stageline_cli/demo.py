@@ -41,7 +41,7 @@ def add_demo(add: AddCommand) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from stageline.demo.train import build_demo, demo_exists
+    from stageline.demo.train import LITE_MODEL, build_demo, demo_exists
 
     spec, home = load(args), resolve_home(args.home)
     if demo_exists(home) and not args.force:
@@ -52,7 +52,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             _write_batch_input(home, args.batch_rows)
         return 0
     if args.force:
-        for sub in ("demo", "features", "online", "models/fraud"):
+        # The ensemble example's second model too: trained on the old world, it is
+        # trained again on the new one the next time that spec is used.
+        for sub in ("demo", "features", "online", "models/fraud", f"models/{LITE_MODEL}"):
             shutil.rmtree(home / sub, ignore_errors=True)
     print(f"building the demo world under {home} ...", file=sys.stderr)
     result = build_demo(
