@@ -311,6 +311,21 @@ def test_two_model_stages_and_a_combine_score_like_the_boosters(tmp_path: Path):
     assert predicted["error"].isna().all()
 
 
+def test_a_row_a_model_stage_rejected_stays_rejected_through_the_combine(tmp_path: Path):
+    home = tmp_path / "home"
+    _register(home, "first", _booster(1, 2), [0.0, 1.0])
+    _register(home, "second", _booster(2, 4), [0.0, 1.0])
+    spec = spec_with({"method": "rank", "inputs": ["score_a", "score_b"]})
+    rows = _rows(4)
+    rows.loc[2, "x"] = 1e39  # too large for the models' float32: the first model refuses it
+
+    predicted = Pipeline(spec, home).predict(rows)
+
+    assert predicted["error"].tolist() == [None, None, "first: x: not a finite number", None]
+    assert predicted["score"].isna().tolist() == [False, False, True, False]
+    assert predicted["label"].isna().tolist() == [False, False, True, False]
+
+
 def test_rank_reads_each_model_versions_reference_from_the_registry(tmp_path: Path):
     home = tmp_path / "home"
     _register(home, "first", _booster(1, 2), [0.0, 1.0])
