@@ -321,8 +321,8 @@ class Combine(BaseStage):
                 raise StageError(
                     f"stage {self.name!r}: method rank needs {model} v{version}'s reference "
                     f"scores, and it was registered without them: retrain it with stageline "
-                    f"train (which stores them), or give them as params (reference: "
-                    f"{{<input>: [quantiles]}})"
+                    f"train (which stores them; a demo home built before: stageline demo "
+                    f"--force), or give them as params (reference: {{<input>: [quantiles]}})"
                 )
             found = self._references[key] = Reference(quantiles)
         return found
