@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stageline.spec import PipelineSpec, SpecError, StageSpec, accepts, resolve_class
+from stageline.storage import StorageLocations
 
 if TYPE_CHECKING:
     from stageline.features.offline import OfflineStore
     from stageline.features.online import OnlineStore
-    from stageline.registry import LocalRegistry
+    from stageline.registry import ModelRegistry
 
 HOME_ENV = "STAGELINE_HOME"
 
@@ -45,20 +46,27 @@ class StageContext:
     the offline store's history as of that time instead of the online store's latest
     values. A backfill or a backtest; the runtime sets it, never the spec."""
 
-    def registry(self) -> LocalRegistry:
-        from stageline.registry import LocalRegistry
+    locations: StorageLocations | None = None
+    """Where the registry and the feature tables are, resolved once where the spec was
+    read (``None``: resolved here, from the spec, the environment and the home)."""
 
-        return LocalRegistry(self.home / "models")
+    def storage(self) -> StorageLocations:
+        return self.locations or StorageLocations.resolve(self.spec, self.home)
+
+    def registry(self) -> ModelRegistry:
+        from stageline.registry import open_registry
+
+        return open_registry(self.storage().models)
 
     def offline_store(self) -> OfflineStore:
         from stageline.features.offline import OfflineStore
 
-        return OfflineStore(self.home, self.spec.features.views, self.spec.base_dir)
+        return OfflineStore.for_spec(self.spec, self.home, self.storage())
 
     def online_store(self) -> OnlineStore:
         from stageline.features.online import open_online_store
 
-        return open_online_store(self.spec, self.home)
+        return open_online_store(self.spec, self.home, self.storage())
 
 
 AS_OF_FEATURES = "features as of each row's event time"
@@ -85,5 +93,13 @@ def stage_factory(
     cls = resolve_class(stage.uses, spec.base_dir)
     kwargs = dict(stage.params)
     if accepts(cls, "context"):
-        kwargs["context"] = StageContext(stage_name=stage.name, spec=spec, home=home, as_of=as_of)
+        kwargs["context"] = StageContext(
+            stage_name=stage.name,
+            spec=spec,
+            home=home,
+            as_of=as_of,
+            # Resolved here, where the spec is read: a cluster's workers need not share
+            # this process's environment to find the same registry and tables.
+            locations=StorageLocations.resolve(spec, home),
+        )
     return cls, kwargs

@@ -19,9 +19,10 @@ import numpy as np
 import pandas as pd
 
 from stageline.predlog import TIME_COLUMN, log_location, read_log
-from stageline.registry import LocalRegistry, ModelMetadata
+from stageline.registry import ModelMetadata, open_registry
 from stageline.spec import PipelineSpec, SpecError
 from stageline.stages.transform import apply_encoders
+from stageline.storage import StorageLocations
 from stageline.training import labels, log_loss, model_stage, psi, rmse, roc_auc, shares
 
 SHIFT = 0.1
@@ -149,7 +150,7 @@ def drift(
     """One report per model version in the log since ``since`` (or in ``frame``)."""
     frame = logged(spec, home, since) if frame is None else frame
     name, output, version_column = _model_columns(spec)
-    registry = LocalRegistry(home / "models")
+    registry = open_registry(StorageLocations.resolve(spec, home).models)
     scored = frame[frame[version_column].notna()] if version_column in frame else frame.iloc[:0]
     if scored.empty:
         raise SpecError(f"no logged row carries a {name} version ({version_column})")
@@ -214,7 +215,7 @@ class DriftMeter:
     ``window_rows``: the figures follow the recent traffic, not all since the start."""
 
     def __init__(self, spec: PipelineSpec, home: Path, window_rows: int = 50_000) -> None:
-        self.registry = LocalRegistry(home / "models")
+        self.registry = open_registry(StorageLocations.resolve(spec, home).models)
         self.name, self.output, self.version_column = _model_columns(spec)
         self.window_rows = window_rows
         self._profiles: dict[int, ModelMetadata | None] = {}

@@ -60,6 +60,7 @@ from stageline.spec_runtime import (
     StageBatchSpec,
     StageServeSpec,
 )
+from stageline.spec_storage import StorageSpec
 from stageline.spec_training import TrainingSpec
 
 __all__ = [
@@ -91,6 +92,7 @@ __all__ = [
     "StageBatchSpec",
     "StageServeSpec",
     "StageSpec",
+    "StorageSpec",
     "accepts",
     "check_params",
     "datetime_in_range",
@@ -173,6 +175,9 @@ class PipelineSpec(SpecModel):
     """Where every prediction is recorded (request id, time, the request's fields, the
     features the model received, model, outputs; latency online), online off the request
     path, in batch once per committed run."""
+    storage: StorageSpec = StorageSpec()
+    """Where the model registry and the feature tables live: under the home, another
+    folder, or object storage (``s3://bucket/prefix``) that every node reads."""
     training: TrainingSpec | None = None
     """How ``stageline train`` trains the model stage's model from labelled events; none:
     the model is trained elsewhere and registered."""

@@ -25,7 +25,7 @@ from stageline.context import as_of_field
 from stageline.features import OfflineStore, found_column
 from stageline.pipeline import build_stage
 from stageline.predlog import TIME_COLUMN
-from stageline.registry import LocalRegistry, ModelMetadata
+from stageline.registry import ModelMetadata, open_registry
 from stageline.spec import PipelineSpec, SpecError, StageSpec, resolve_class
 from stageline.spec_training import TrainingSpec
 from stageline.stage import ERROR_COLUMN, StageError, error_mask
@@ -34,6 +34,7 @@ from stageline.stages.features import FeatureLookup
 from stageline.stages.model import XGBoostPredictor
 from stageline.stages.transform import apply_encoders, fit_encoders
 from stageline.stages.validate import validate_frame
+from stageline.storage import StorageLocations
 
 PROFILE_BINS = 10
 """Histogram bins per feature in a training profile (deciles of the training part)."""
@@ -135,7 +136,9 @@ def train_from_log(
     if joined.empty:
         raise SpecError(f"no logged prediction has an outcome (joined on {id_field!r})")
     version = int(joined[version_column].max())
-    meta = LocalRegistry(home / "models").resolve(str(stage.params["model"]), version)
+    meta = open_registry(StorageLocations.resolve(spec, home).models).resolve(
+        str(stage.params["model"]), version
+    )
     encoded = set(str(e["output"]) for e in meta.encoders.values())
     candidates = [f for f in meta.features if f not in encoded]
     missing = [f for f in candidates if f not in joined.columns]
@@ -219,7 +222,7 @@ def _fit(
     metrics, threshold = evaluate(y_test, scores, binary=binary, train_mean=float(y_train.mean()))
     metrics |= {"n_train": float(len(train_rows)), "n_test": float(len(test_rows))}
     alias = alias or str(stage.params.get("alias") or "champion")
-    meta = LocalRegistry(home / "models").register(
+    meta = open_registry(StorageLocations.resolve(spec, home).models).register(
         str(stage.params["model"]),
         booster,
         features=features,
@@ -272,7 +275,7 @@ def training_frame(
         for n, f in spec.request.fields.items()
         if f.type in ("int", "float", "bool") and n != spec.request.id_field
     ]
-    offline = OfflineStore(home, spec.features.views, spec.base_dir)
+    offline = OfflineStore.for_spec(spec, home)
     timestamp = as_of_field(spec)
     for stage in spec.stages:
         cls = resolve_class(stage.uses, spec.base_dir)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
 import xgboost
 
 from stageline.context import resolve_home
-from stageline.registry import LocalRegistry, ModelMetadata, parse_model_ref
+from stageline.registry import ModelMetadata, ModelRegistry, open_registry, parse_model_ref
 from stageline.registry.integrity import MAX_MODEL_BYTES_ENV, looks_like_pickle
 from stageline.registry.metadata import TASKS, objective, tasks_of
+from stageline.storage import MODELS_ENV
 from stageline_cli.common import HOME_HELP, AddCommand, CliError, positive, usage
 
 SAVE_HINT = (
@@ -24,7 +26,7 @@ def add_registry(add: AddCommand) -> None:
     registry = add(
         "registry",
         "list, register, show and alias model versions",
-        "The local model registry.",
+        "The model registry: <home>/models, another folder, or object storage (--registry).",
     )
     rsub = registry.add_subparsers(title="registry commands", metavar="ACTION")
 
@@ -47,6 +49,13 @@ def add_registry(add: AddCommand) -> None:
     for p in (rlist, rregister, rshow, ralias):
         # SUPPRESS: a subparser's default would overwrite a --home given before the action.
         p.add_argument("--home", default=argparse.SUPPRESS, help=HOME_HELP)
+        p.add_argument(
+            "--registry",
+            default=argparse.SUPPRESS,
+            metavar="URI",
+            help=f"the registry: a folder or s3://bucket/prefix (default: ${MODELS_ENV}, "
+            "else <home>/models)",
+        )
     registry.set_defaults(func=lambda _a: usage(registry))
 
 
@@ -115,8 +124,9 @@ def _metric(text: str) -> tuple[str, float]:
         ) from None
 
 
-def _registry(args: argparse.Namespace) -> LocalRegistry:
-    return LocalRegistry(resolve_home(args.home) / "models")
+def _registry(args: argparse.Namespace) -> ModelRegistry:
+    location = getattr(args, "registry", None) or os.environ.get(MODELS_ENV)
+    return open_registry(location or resolve_home(args.home) / "models")
 
 
 def cmd_registry_list(args: argparse.Namespace) -> int:
@@ -139,7 +149,7 @@ def cmd_registry_list(args: argparse.Namespace) -> int:
             )
     if not rows:
         print(
-            f"no models registered under {registry.root}: register a trained XGBoost model "
+            f"no models registered under {registry.location}: register a trained XGBoost model "
             "with `stageline registry register NAME MODEL_FILE`, or build the demo's with "
             "`stageline demo`"
         )

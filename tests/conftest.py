@@ -309,6 +309,101 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         server.stop()
 
 
+# --------------------------------------------------------------------------- S3
+
+
+class S3Server:
+    """A real S3-compatible server (moto's) on a free loopback port; this test session's
+    own process, in a session of its own (tests/support/processes.py)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.log = workdir / "moto.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        import sys
+
+        from bench.processes import start
+
+        self.process = start(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            self.log,
+            {**os.environ},
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                break
+            with socket.socket() as s:
+                s.settimeout(1)
+                try:
+                    s.connect(("127.0.0.1", self.port))
+                    s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                    if s.recv(16).startswith(b"HTTP/1."):
+                        return
+                except OSError:
+                    pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"the S3 test server did not start; see {self.log}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_group(self.process, grace_s=10)
+            self.process = None
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    try:
+        import moto.server  # noqa: F401
+    except ImportError:
+        message = "moto[server] is not installed (pip install -e '.[dev]'; scripts/test does)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+S3_TEST_ENV = {
+    # Any key works with the test server; set, so the AWS SDK never looks further.
+    "AWS_ACCESS_KEY_ID": "stageline-test",
+    "AWS_SECRET_ACCESS_KEY": "stageline-test",
+    "AWS_REGION": "us-east-1",
+    # Never ask a cloud metadata service for credentials or a region.
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A new, empty bucket on the test S3 server, as ``s3://<bucket>``; the AWS
+    variables of this test point at the server."""
+    import uuid
+
+    import pyarrow.fs as pafs
+
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {**S3_TEST_ENV, "AWS_ENDPOINT_URL": s3_server.endpoint}.items():
+        monkeypatch.setenv(name, value)
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    pafs.S3FileSystem(
+        endpoint_override=s3_server.endpoint, region="us-east-1", allow_bucket_creation=True
+    ).create_dir(bucket)
+    return f"s3://{bucket}"
+
+
 # --------------------------------------------------------------------------- fault figures
 
 _FIGURES: list[tuple[str, str]] = []

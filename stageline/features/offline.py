@@ -9,8 +9,15 @@ from typing import Any, Final
 import numpy as np
 import pandas as pd
 
-from stageline._io import atomic_write_parquet
-from stageline.spec import FeatureViewSpec
+from stageline.spec import FeatureViewSpec, PipelineSpec
+from stageline.storage import (
+    StorageError,
+    StorageLocations,
+    is_remote,
+    join,
+    read_parquet,
+    write_parquet,
+)
 
 
 class FeatureStoreError(RuntimeError):
@@ -47,14 +54,30 @@ def with_defaults(
 
 
 class OfflineStore:
-    """Parquet tables under ``<home>/features/<view>.parquet`` (or a view's ``source``)."""
+    """Parquet tables under ``<home>/features/<view>.parquet``, or under ``location``
+    (a folder or an object-storage URI such as ``s3://bucket/features``); a view's own
+    ``source`` wins over both."""
 
     def __init__(
-        self, home: Path, views: Mapping[str, FeatureViewSpec], base_dir: Path | None = None
+        self,
+        home: Path,
+        views: Mapping[str, FeatureViewSpec],
+        base_dir: Path | None = None,
+        *,
+        location: str | None = None,
     ) -> None:
         self.home = Path(home)
         self.views = dict(views)
         self.base_dir = base_dir or Path.cwd()
+        self.location = location or str(self.home / "features")
+
+    @classmethod
+    def for_spec(
+        cls, spec: PipelineSpec, home: Path, locations: StorageLocations | None = None
+    ) -> OfflineStore:
+        """The offline store of ``spec``, where its storage locations say."""
+        locations = locations or StorageLocations.resolve(spec, home)
+        return cls(home, spec.features.views, spec.base_dir, location=locations.features)
 
     def view(self, name: str) -> FeatureViewSpec:
         try:
@@ -65,31 +88,42 @@ class OfflineStore:
                 " (add it under features.views)"
             ) from None
 
-    def path(self, name: str) -> Path:
+    def path(self, name: str) -> Path | str:
+        """Where the view's table is: a local path, or a URI on object storage."""
         view = self.view(name)
         if view.source:
+            if is_remote(view.source):
+                return view.source
             source = Path(view.source)
             return source if source.is_absolute() else self.base_dir / source
-        return self.home / "features" / f"{name}.parquet"
+        if is_remote(self.location):
+            return join(self.location, f"{name}.parquet")
+        return Path(self.location) / f"{name}.parquet"
 
     def read(self, name: str) -> pd.DataFrame:
         """The whole history of a view: entity, event time and feature columns."""
         view, path = self.view(name), self.path(name)
-        if not path.exists():
+        try:
+            frame = read_parquet(path)
+        except StorageError as exc:
+            raise FeatureStoreError(f"feature view {name!r}: {exc}") from exc
+        if frame is None:
             raise FeatureStoreError(
                 f"feature view {name!r}: no offline table at {path} "
                 "(run `stageline demo`, or write the table there)"
             )
-        frame = pd.read_parquet(path)
         missing = [c for c in (view.entity, view.event_time, *view.features) if c not in frame]
         if missing:
             raise FeatureStoreError(f"feature view {name!r}: {path} lacks column(s) {missing}")
         frame[view.event_time] = pd.to_datetime(frame[view.event_time], utc=True)
         return frame
 
-    def write(self, name: str, frame: pd.DataFrame) -> Path:
+    def write(self, name: str, frame: pd.DataFrame) -> Path | str:
         """Replace a view's offline table atomically."""
-        return atomic_write_parquet(self.path(name), frame)
+        try:
+            return write_parquet(self.path(name), frame)
+        except StorageError as exc:
+            raise FeatureStoreError(f"feature view {name!r}: {exc}") from exc
 
     def latest(self, name: str) -> pd.DataFrame:
         """The newest row per entity: what the online store serves."""

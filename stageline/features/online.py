@@ -14,9 +14,16 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 
-from stageline._io import atomic_write_parquet
 from stageline.features.offline import FeatureStoreError, OfflineStore, with_defaults
 from stageline.spec import PipelineSpec, RedisStoreSpec
+from stageline.storage import (
+    StorageError,
+    StorageLocations,
+    is_remote,
+    join,
+    read_parquet,
+    write_parquet,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,21 +48,24 @@ class OnlineStore(Protocol):
 
 
 class MemoryOnlineStore:
-    """In-process store loaded from ``<home>/online/<view>.parquet``.
+    """In-process store loaded from ``<snapshots>/<view>.parquet`` (default
+    ``<home>/online``; a folder or an object-storage URI).
 
     ``write`` (what ``stageline materialize`` calls) replaces that snapshot
     atomically; a replica loads it once at start. A view never materialized
     is built from the offline table's latest values, with a warning.
     """
 
-    def __init__(self, offline: OfflineStore, snapshot_dir: Path) -> None:
+    def __init__(self, offline: OfflineStore, snapshot_dir: Path | str) -> None:
         self.offline = offline
-        self.snapshot_dir = Path(snapshot_dir)
+        self.snapshot_dir = snapshot_dir if is_remote(snapshot_dir) else Path(snapshot_dir)
         self._tables: dict[str, pd.DataFrame] = {}
         self._rows: dict[str, dict[str, int]] = {}  # per view: entity key -> row of its table
 
-    def _snapshot(self, view: str) -> Path:
-        return self.snapshot_dir / f"{view}.parquet"
+    def _snapshot(self, view: str) -> Path | str:
+        if isinstance(self.snapshot_dir, Path):
+            return self.snapshot_dir / f"{view}.parquet"
+        return join(self.snapshot_dir, f"{view}.parquet")
 
     def _table(self, view: str) -> pd.DataFrame:
         """The view's features as served: typed, defaults filled, ``<view>_found`` True;
@@ -66,9 +76,11 @@ class MemoryOnlineStore:
         if table is None:
             spec = self.offline.view(view)
             path = self._snapshot(view)
-            if path.exists():
-                table = pd.read_parquet(path)
-            else:
+            try:
+                table = read_parquet(path)
+            except StorageError as exc:
+                raise FeatureStoreError(f"feature view {view!r}: {exc}") from exc
+            if table is None:
                 log.warning(
                     "feature view %r has no online snapshot at %s; serving the offline "
                     "table's latest values (run `stageline materialize` to snapshot them)",
@@ -101,7 +113,10 @@ class MemoryOnlineStore:
     def write(self, view: str, latest: pd.DataFrame) -> int:
         spec = self.offline.view(view)
         frame = latest[[spec.entity, spec.event_time, *spec.features]]
-        atomic_write_parquet(self._snapshot(view), frame)
+        try:
+            write_parquet(self._snapshot(view), frame)
+        except StorageError as exc:
+            raise FeatureStoreError(f"feature view {view!r}: {exc}") from exc
         self._tables.pop(view, None)
         return len(frame)
 
@@ -110,23 +125,30 @@ class MemoryOnlineStore:
         self._rows.clear()
 
 
-def open_online_store(spec: PipelineSpec, home: Path) -> OnlineStore:
+def open_online_store(
+    spec: PipelineSpec, home: Path, locations: StorageLocations | None = None
+) -> OnlineStore:
     """The online store the spec selects."""
-    offline = OfflineStore(home, spec.features.views, spec.base_dir)
+    locations = locations or StorageLocations.resolve(spec, home)
+    offline = OfflineStore.for_spec(spec, home, locations)
     online = spec.features.online
     if isinstance(online, RedisStoreSpec):
         from stageline.features.redis_store import RedisOnlineStore
 
         return RedisOnlineStore(online, offline)
-    return MemoryOnlineStore(offline, home / "online")
+    return MemoryOnlineStore(offline, locations.online)
 
 
 def materialize(
-    spec: PipelineSpec, home: Path, views: Iterable[str] | None = None
+    spec: PipelineSpec,
+    home: Path,
+    views: Iterable[str] | None = None,
+    locations: StorageLocations | None = None,
 ) -> dict[str, int]:
     """Write each view's latest offline values to the online store; rows per view."""
-    offline = OfflineStore(home, spec.features.views, spec.base_dir)
-    store = open_online_store(spec, home)
+    locations = locations or StorageLocations.resolve(spec, home)
+    offline = OfflineStore.for_spec(spec, home, locations)
+    store = open_online_store(spec, home, locations)
     try:
         return {v: store.write(v, offline.latest(v)) for v in (views or spec.features.views)}
     finally:

@@ -33,6 +33,31 @@ def load_verified(path: Path, meta: ModelMetadata, *, max_bytes: int) -> xgboost
     where = f"{meta.name}@{meta.version}"
     reregister = f"re-register {where} from its training run with LocalRegistry.register()"
     raw = _read_exactly(path, meta, max_bytes=max_bytes, where=where, reregister=reregister)
+    return verified_booster(path, meta, raw)
+
+
+def check_stored_size(path: str | Path, meta: ModelMetadata, size: int, *, max_bytes: int) -> None:
+    """Refuse a stored model file, before reading it, whose ``size`` is not the recorded
+    one or is over ``max_bytes``."""
+    where = f"{meta.name}@{meta.version}"
+    if size != meta.size_bytes:
+        raise ModelIntegrityError(
+            f"{path} ({where}) is {size} bytes but its {METADATA_FILE} records "
+            f"{meta.size_bytes}; the file was truncated or replaced - re-register {where} "
+            "from its training run"
+        )
+    if size > max_bytes:
+        raise ModelIntegrityError(
+            f"{path} ({where}) is {size} bytes, over the {max_bytes}-byte limit on model "
+            f"files, and was not read; if the model is genuine, raise ${MAX_MODEL_BYTES_ENV}"
+        )
+
+
+def verified_booster(path: str | Path, meta: ModelMetadata, raw: bytes) -> xgboost.Booster:
+    """The booster in ``raw`` (the bytes read from ``path``), after checking them against
+    ``meta``: not a pickle, the recorded sha256, XGBoost's format, features and task."""
+    where = f"{meta.name}@{meta.version}"
+    reregister = f"re-register {where} from its training run with LocalRegistry.register()"
     _check_content(path, meta, raw, where=where, reregister=reregister)
     booster = xgboost.Booster()
     try:
@@ -96,7 +121,7 @@ def _read_exactly(
 
 
 def _check_content(
-    path: Path, meta: ModelMetadata, raw: bytes, *, where: str, reregister: str
+    path: str | Path, meta: ModelMetadata, raw: bytes, *, where: str, reregister: str
 ) -> None:
     """Not a pickle, the recorded sha256, and XGBoost's JSON/UBJSON format."""
     if looks_like_pickle(raw):

@@ -29,13 +29,12 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pydantic
-import xgboost
 
+from stageline.registry.base import ModelRegistry
 from stageline.registry.integrity import (
     DEFAULT_MAX_MODEL_BYTES,
     MAX_MODEL_BYTES_ENV,
@@ -44,10 +43,8 @@ from stageline.registry.integrity import (
 from stageline.registry.metadata import (
     ALIAS_RE,
     DEFAULT_ALIAS,
-    DEFAULT_THRESHOLD,
     METADATA_FILE,
     NAME_RE,
-    VERSION_RE,
     LoadedModel,
     ModelFormat,
     ModelIntegrityError,
@@ -55,14 +52,9 @@ from stageline.registry.metadata import (
     ModelNotFoundError,
     RegistryError,
     Task,
-    ThresholdDefault,
-    check_alias,
     check_name,
-    check_version,
-    listing,
     parse_model_ref,
 )
-from stageline.registry.registering import check_register_args, check_task_args, new_metadata
 from stageline.registry.storage import fsync_dir, locked, version_numbers, write_durably
 
 __all__ = [
@@ -87,7 +79,7 @@ _LOCK_FILE = ".aliases.lock"
 _TMP_PREFIX = ".tmp-"
 
 
-class LocalRegistry:
+class LocalRegistry(ModelRegistry):
     """Versioned XGBoost models with aliases, stored under one directory.
 
     Construction does no I/O; the root is created by the first register.
@@ -96,94 +88,15 @@ class LocalRegistry:
     """
 
     def __init__(self, root: str | os.PathLike[str], *, max_model_bytes: int | None = None) -> None:
+        super().__init__(max_model_bytes=max_model_bytes)
         self.root = Path(root)
-        if max_model_bytes is None:
-            max_model_bytes = int(os.environ.get(MAX_MODEL_BYTES_ENV) or DEFAULT_MAX_MODEL_BYTES)
-        self.max_model_bytes = max_model_bytes
 
     def __repr__(self) -> str:
         return f"LocalRegistry({str(self.root)!r})"
 
-    # -- writing -----------------------------------------------------------
-
-    def register(
-        self,
-        name: str,
-        booster: xgboost.Booster,
-        *,
-        features: Sequence[str],
-        encoders: Mapping[str, Mapping[str, Any]] | None = None,
-        task: Task | None = None,
-        threshold: float | ThresholdDefault | None = DEFAULT_THRESHOLD,
-        classes: Sequence[str] | None = None,
-        metrics: Mapping[str, float] | None = None,
-        params: Mapping[str, Any] | None = None,
-        description: str = "",
-        format: ModelFormat = "ubj",
-        aliases: Sequence[str] = (),
-        profile: Mapping[str, Any] | None = None,
-    ) -> ModelMetadata:
-        """Store ``booster`` as the next version of ``name`` and return its metadata.
-
-        ``features`` become the booster's feature names (a booster that already
-        has different names is refused). ``task`` defaults to the one the booster's
-        objective implies (``binary:*`` binary, ``multi:*`` multiclass, ``reg:*`` and
-        the like regression). ``threshold``: a binary model's, 0.5 if not given; the
-        other tasks have none. ``classes``: a multiclass model's class names in label
-        order (default ``"0"``, ``"1"``...). ``metrics``: any held-out metrics, the
-        headline one first. ``aliases`` are pointed at the new version once it is
-        in place. ``profile``: what it was trained on, for monitoring.
-        """
-        features = check_register_args(name, booster, features, format, aliases)
-        task_args = check_task_args(name, booster, task, threshold, classes)
-        booster.feature_names = list(features)
-        raw = bytes(booster.save_raw(raw_format=format))
-        if len(raw) > self.max_model_bytes:
-            raise RegistryError(
-                f"register({name!r}): the model is {len(raw)} bytes, over the "
-                f"{self.max_model_bytes}-byte limit on model files; raise "
-                f"${MAX_MODEL_BYTES_ENV} where it is registered and served"
-            )
-        meta = new_metadata(
-            name,
-            raw,
-            format=format,
-            features=features,
-            encoders=encoders,
-            task=task_args,
-            metrics=metrics,
-            params=params,
-            description=description,
-            profile=profile,
-        )
-        meta = self._store_new_version(meta, raw)
-        if aliases:
-            version = meta.version
-            self._update_aliases(
-                name, lambda current: {**current, **dict.fromkeys(aliases, version)}
-            )
-        return meta
-
-    def set_alias(self, name: str, alias: str, version: int) -> None:
-        """Point ``alias`` of ``name`` at ``version``, which must exist."""
-        check_alias(alias, what=f"set_alias({name!r})")
-        version = check_version(version, what=f"set_alias({name!r}, {alias!r})")
-        self._read_metadata(name, version)  # raises if the version does not exist
-        self._update_aliases(name, lambda current: {**current, alias: version})
-
-    def delete_alias(self, name: str, alias: str) -> None:
-        """Remove ``alias`` of ``name``; an unknown alias raises ModelNotFoundError."""
-        check_alias(alias, what=f"delete_alias({name!r})")
-
-        def drop(current: dict[str, int]) -> dict[str, int]:
-            if alias not in current:
-                raise ModelNotFoundError(
-                    f"model {name!r} has no alias {alias!r} to delete "
-                    f"(its aliases: {listing(current)}); see LocalRegistry.aliases({name!r})"
-                )
-            return {k: v for k, v in current.items() if k != alias}
-
-        self._update_aliases(name, drop)
+    @property
+    def location(self) -> str:
+        return str(self.root)
 
     # -- reading -----------------------------------------------------------
 
@@ -195,58 +108,19 @@ class LocalRegistry:
             p.name for p in self.root.iterdir() if p.is_dir() and NAME_RE.fullmatch(p.name)
         )
 
-    def versions(self, name: str) -> list[ModelMetadata]:
-        """Metadata of every complete version of ``name``, by version number."""
-        model_dir = self._model_dir(name)
-        return [self._read_metadata(name, v) for v in version_numbers(model_dir)]
-
     def aliases(self, name: str) -> dict[str, int]:
         """``{alias: version}`` of ``name``, sorted by alias."""
         return self._read_aliases(self._model_dir(name))
 
-    def resolve(self, name: str, ref: str | int | None = None) -> ModelMetadata:
-        """Metadata for ``name`` at ``ref``: an alias, a version (int or digits), or champion."""
-        if ref is None:
-            ref = DEFAULT_ALIAS
-        if isinstance(ref, bool) or not isinstance(ref, (int, str)):
-            raise RegistryError(
-                f"{name}@{ref!r}: a model ref is an alias like 'champion' or a version "
-                "number like 3"
-            )
-        if isinstance(ref, str) and VERSION_RE.fullmatch(ref):
-            ref = int(ref)
-        if isinstance(ref, int):
-            return self._read_metadata(name, check_version(ref, what=f"{name}@{ref}"))
-        check_alias(ref, what=f"{name}@{ref}")
-        current = self.aliases(name)
-        if ref not in current:
-            versions = version_numbers(self.root / name)
-            raise ModelNotFoundError(
-                f"model {name!r} has no alias {ref!r} (aliases: {listing(current)}; "
-                f"versions: {', '.join(map(str, versions)) or 'none'}); load a version "
-                f"number instead or point the alias with set_alias({name!r}, {ref!r}, <version>)"
-            )
-        version = current[ref]
-        try:
-            return self._read_metadata(name, version)
-        except ModelNotFoundError as exc:
-            raise ModelNotFoundError(
-                f"alias {name}@{ref} points at version {version}, which does not exist; "
-                f"repoint it with set_alias({name!r}, {ref!r}, <version>)"
-            ) from exc
+    # -- internals ---------------------------------------------------------
 
-    def load(self, name: str, ref: str | int | None = None) -> LoadedModel:
-        """Load ``name`` at ``ref`` (see :meth:`resolve`) after verifying its file.
+    def _known_versions(self, name: str) -> list[int]:
+        return version_numbers(self._model_dir(name))
 
-        The file is read once: its size is checked against the metadata before
-        reading, and the same bytes that are hashed are the bytes loaded.
-        """
-        meta = self.resolve(name, ref)
-        path = self.root / name / str(meta.version) / meta.file
+    def _load_verified(self, meta: ModelMetadata) -> LoadedModel:
+        path = self.root / meta.name / str(meta.version) / meta.file
         booster = load_verified(path, meta, max_bytes=self.max_model_bytes)
         return LoadedModel(booster=booster, metadata=meta, path=path)
-
-    # -- internals ---------------------------------------------------------
 
     def _model_dir(self, name: str) -> Path:
         check_name(name, what=f"model {name!r}")

@@ -198,8 +198,9 @@ class LoadedModel:
 
     booster: xgboost.Booster
     metadata: ModelMetadata
-    path: Path
-    """The model file the booster was loaded from."""
+    path: Path | str
+    """The model file the booster was loaded from: a local path, or a URI on object
+    storage."""
 
 
 def parse_model_ref(ref: str) -> tuple[str, str | int]:

@@ -242,6 +242,7 @@ def test_both_xgboost_formats_round_trip(
     loaded = registry.load("fraud", 1)
 
     assert meta.file == f"model.{fmt}"
+    assert isinstance(loaded.path, Path)  # a local registry's file is a local path
     assert loaded.path.name == f"model.{fmt}"
     if fmt == "json":
         assert json.loads(loaded.path.read_bytes())["learner"]
