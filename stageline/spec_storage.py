@@ -17,7 +17,9 @@ class StorageSpec(SpecModel):
     S3-compatible server). An environment variable overrides each field."""
 
     models: str | None = None
-    """The model registry's root (``<name>/<version>/`` beneath it). ``null``:
+    """The model registry's root (``<name>/<version>/`` beneath it), or an MLflow model
+    registry: ``mlflow:<registry URI>`` (e.g. ``mlflow:http://mlflow:5000``; a bare
+    ``mlflow:`` uses ``$MLFLOW_TRACKING_URI``; needs the ``mlflow`` extra). ``null``:
     ``<home>/models``. ``$STAGELINE_MODELS_URI`` overrides it."""
     features: str | None = None
     """The folder of offline feature tables (``<view>.parquet``; a view's own ``source``

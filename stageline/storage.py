@@ -99,7 +99,9 @@ class StorageLocations:
 
         def pick(env: str, configured: str | None, default: str) -> str:
             location = os.environ.get(env) or configured or default
-            return location if is_remote(location) else str(local_path(location, home))
+            if is_remote(location) or location.startswith("mlflow:"):
+                return location
+            return str(local_path(location, home))
 
         return cls(
             models=pick(MODELS_ENV, storage.models if storage else None, "models"),

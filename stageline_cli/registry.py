@@ -53,8 +53,8 @@ def add_registry(add: AddCommand) -> None:
             "--registry",
             default=argparse.SUPPRESS,
             metavar="URI",
-            help=f"the registry: a folder or s3://bucket/prefix (default: ${MODELS_ENV}, "
-            "else <home>/models)",
+            help="the registry: a folder, s3://bucket/prefix or mlflow:<registry URI> "
+            f"(default: ${MODELS_ENV}, else <home>/models)",
         )
     registry.set_defaults(func=lambda _a: usage(registry))
 

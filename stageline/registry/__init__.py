@@ -16,13 +16,19 @@ from stageline.registry.local import ModelNotFoundError as ModelNotFoundError
 from stageline.registry.local import RegistryError as RegistryError
 from stageline.registry.local import Task as Task
 from stageline.registry.local import parse_model_ref as parse_model_ref
+from stageline.registry.mlflow_registry import is_mlflow
 from stageline.registry.objectstore import ObjectStoreRegistry as ObjectStoreRegistry
 from stageline.storage import is_remote, local_path
 
 
 def open_registry(location: str | os.PathLike[str]) -> ModelRegistry:
-    """The registry at ``location``: a local folder (a path or ``file://`` URI) or
-    object storage (``s3://bucket/prefix``). No I/O until it is used."""
+    """The registry at ``location``: a local folder (a path or ``file://`` URI), object
+    storage (``s3://bucket/prefix``), or MLflow (``mlflow:<registry URI>``, the
+    ``mlflow`` extra). No I/O until it is used."""
+    if is_mlflow(location):
+        from stageline.registry.mlflow_registry import MlflowRegistry
+
+        return MlflowRegistry(os.fspath(location))
     if is_remote(location):
         return ObjectStoreRegistry(os.fspath(location))
     return LocalRegistry(local_path(location, Path.cwd()))

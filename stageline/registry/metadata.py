@@ -41,6 +41,8 @@ DEFAULT_ALIAS = "champion"
 """The alias a bare model name (``"fraud"``) and ``ref=None`` resolve to."""
 
 METADATA_FILE = "metadata.json"
+MLFLOW_REF_PREFIX = "models:/"
+"""MLflow's model URIs (``models:/fraud@champion``, ``models:/fraud/3``) are model refs too."""
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 # Starting with a letter keeps aliases apart from version numbers ("3").
@@ -207,12 +209,22 @@ def parse_model_ref(ref: str) -> tuple[str, str | int]:
     """Split a model reference into ``(name, alias or version)``.
 
     ``"fraud@champion"`` -> ``("fraud", "champion")``; ``"fraud@3"`` ->
-    ``("fraud", 3)``; ``"fraud"`` -> ``("fraud", "champion")``. Anything else
-    raises :class:`RegistryError`.
+    ``("fraud", 3)``; ``"fraud"`` -> ``("fraud", "champion")``. MLflow's forms
+    mean the same: ``"models:/fraud@champion"``, ``"models:/fraud/3"``. Anything
+    else raises :class:`RegistryError`.
     """
     hint = "write it as '<name>', '<name>@<alias>' or '<name>@<version>', e.g. 'fraud@champion'"
     if not isinstance(ref, str) or ref.count("@") > 1:
         raise RegistryError(f"bad model reference {ref!r}: {hint}")
+    if ref.startswith(MLFLOW_REF_PREFIX):
+        body = ref.removeprefix(MLFLOW_REF_PREFIX)
+        name, slash, version = body.partition("/")
+        if slash and ("@" in name or not VERSION_RE.fullmatch(version)):
+            raise RegistryError(
+                f"bad model reference {ref!r}: MLflow's forms are 'models:/<name>@<alias>' "
+                "and 'models:/<name>/<version>'"
+            )
+        ref = f"{name}@{version}" if slash else body
     name, at, tail = ref.partition("@")
     if not NAME_RE.fullmatch(name):
         raise RegistryError(
