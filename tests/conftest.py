@@ -33,6 +33,19 @@ from tests.support.processes import free_port as free_port  # re-exported for th
 if TYPE_CHECKING:
     from tests.multinode import Cluster
 
+S3_TEST_ENV = {
+    # Any key works with the test S3 server; set, so the AWS SDK never looks further.
+    "AWS_ACCESS_KEY_ID": "stageline-test",
+    "AWS_SECRET_ACCESS_KEY": "stageline-test",
+    "AWS_REGION": "us-east-1",
+    # Never ask a cloud metadata service for credentials or a region.
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+# Set before any Ray starts, so its workers inherit them too: a test's S3 client, in
+# this process or a worker, talks to the test server only.
+for _name, _value in S3_TEST_ENV.items():
+    os.environ.setdefault(_name, _value)
+
 ROOT = Path(__file__).resolve().parents[1]
 FRAUD_SPEC = ROOT / "pipelines" / "fraud.yaml"
 
@@ -373,16 +386,6 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         yield server
     finally:
         server.stop()
-
-
-S3_TEST_ENV = {
-    # Any key works with the test server; set, so the AWS SDK never looks further.
-    "AWS_ACCESS_KEY_ID": "stageline-test",
-    "AWS_SECRET_ACCESS_KEY": "stageline-test",
-    "AWS_REGION": "us-east-1",
-    # Never ask a cloud metadata service for credentials or a region.
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
 
 
 @pytest.fixture
