@@ -181,25 +181,32 @@ def storage_problem(uri: str, exc: BaseException) -> StorageError:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     where = f" (endpoint {endpoint})" if endpoint else ""
-    lowered = text.lower()
-    if "no_such_bucket" in lowered or "bucket does not exist" in lowered:
+    # AWS error codes come as NO_SUCH_BUCKET or NoSuchBucket: compare without the case
+    # and the underscores.
+    code = text.lower().replace("_", "")
+    if "nosuchbucket" in code or "bucket does not exist" in code:
         hint = "the bucket does not exist: create it, or fix the bucket name"
     elif any(
-        word in lowered
-        for word in ("access_denied", "accessdenied", "credential", "invalidaccesskeyid",
-                     "signature", "forbidden", "security token")
+        word in code
+        for word in ("accessdenied", "invalidaccesskeyid", "signaturedoesnotmatch",
+                     "credential", "forbidden", "securitytoken", "expiredtoken")
     ):  # fmt: skip
         hint = (
             "access was refused: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
-            "AWS_PROFILE) to credentials that may read and write there"
+            "AWS_PROFILE, or give the node an IAM role) to credentials that may read and "
+            "write there"
         )
-    elif any(word in lowered for word in ("network_connection", "connect", "resolve", "timeout")):
+    elif any(word in code for word in ("networkconnection", "connect", "resolve", "timeout")):
         hint = (
             "the storage endpoint cannot be reached: check the network and, for an "
             "S3-compatible server, AWS_ENDPOINT_URL"
         )
     else:
-        hint = "check the URI, the credentials and the endpoint"
+        hint = (
+            "check the URI, the endpoint (AWS_ENDPOINT_URL for an S3-compatible server) and "
+            "that credentials are set (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+            "AWS_PROFILE, or an IAM role)"
+        )
     return StorageError(f"cannot use {uri}{where}: {hint}. ({text})")
 
 

@@ -329,9 +329,10 @@ class S3Server:
     """A real S3-compatible server (moto's) on a free loopback port; this test session's
     own process, in a session of its own (tests/support/processes.py)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, **env: str) -> None:
         self.port = free_port()
         self.log = workdir / "moto.log"
+        self.env = env
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -346,7 +347,7 @@ class S3Server:
         self.process = start(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
             self.log,
-            {**os.environ},
+            {**os.environ, **self.env},
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

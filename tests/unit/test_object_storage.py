@@ -28,7 +28,7 @@ from stageline.storage import (
     StorageLocations,
     s3_filesystem,
 )
-from tests.conftest import free_port
+from tests.conftest import S3Server, free_port
 from tests.unit.test_features import HISTORY, SPEC, VIEW
 
 FEATURES = ["f0", "f1", "f2"]
@@ -138,6 +138,24 @@ def test_a_missing_bucket_or_an_unreachable_endpoint_says_so(
         open_registry(f"{s3_bucket}/models").load("fraud")
     with pytest.raises(FeatureStoreError, match="cannot be reached"):
         OfflineStore(Path("unused"), SPEC.features.views, location=s3_bucket).read(VIEW)
+
+
+def test_refused_credentials_say_which_variables_to_set(
+    s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A server of this test's own that checks access keys, as S3 does.
+    checking = S3Server(tmp_path, INITIAL_NO_AUTH_ACTION_COUNT="0")
+    checking.start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", checking.endpoint)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "not-a-key-it-knows")
+        with pytest.raises(RegistryError, match="access was refused") as caught:
+            open_registry("s3://models-bucket/models").load("fraud")
+        assert "AWS_ACCESS_KEY_ID" in str(caught.value)
+        with pytest.raises(FeatureStoreError, match="access was refused"):
+            OfflineStore(tmp_path, SPEC.features.views, location="s3://tables/f").read(VIEW)
+    finally:
+        checking.stop()
 
 
 def test_the_offline_store_and_the_online_snapshot_on_s3(
