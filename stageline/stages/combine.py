@@ -39,7 +39,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from stageline.context import StageContext
 from stageline.outputs import MODEL
-from stageline.registry import LocalRegistry, ModelMetadata
+from stageline.registry import ModelMetadata, ModelRegistry
 from stageline.spec import OutputSpec, PipelineSpec, resolve_class
 from stageline.spec_base import SpecModel
 from stageline.stage import BaseStage, StageError, StageStatus, mark_errors, with_columns
@@ -185,7 +185,7 @@ class Combine(BaseStage):
         self.weights = np.array([(p.weights or {}).get(i, 1.0) for i in p.inputs], dtype="float64")
         self.thresholds = dict(p.thresholds or {})
         self.models = {i: _model_stage(context.spec, i) for i in p.inputs}
-        self._registry: LocalRegistry | None = None
+        self._registry: ModelRegistry | None = None
         self._references: dict[tuple[str, int], Reference] = {}
         self.fixed: dict[str, Reference] = {i: Reference(q) for i, q in (p.reference or {}).items()}
         if p.method == "rank":
