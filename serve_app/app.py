@@ -38,6 +38,7 @@ from stageline.spec import (
     load_spec,
     resolve_class,
 )
+from stageline.spec_challenger import ChallengerMode, ChallengerSpec
 from stageline.stage import Reloadable
 
 INGRESS = "ingress"
@@ -88,6 +89,34 @@ def ingress_limits(spec: PipelineSpec) -> tuple[int, int]:
     return 2 * limit, 8 * limit
 
 
+class ChallengerArgs(BaseModel):
+    """A challenger set on a running app (``stageline serve --challenger``), in place of
+    what the spec's model stages say."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str = Field(examples=["fraud@challenger", "fraud@3"])
+    """The challenger: ``<name>@<alias>`` or ``<name>@<version>`` (``<name>`` alone is
+    ``<name>@challenger``). Every model stage serving that model name takes it."""
+    mode: ChallengerMode = "shadow"
+    """``shadow``, ``canary`` or ``off`` (see the spec's ``challenger``)."""
+    share: float = Field(default=0.1, ge=0, le=1)
+    """Canary: the share of entities the challenger answers."""
+    sticky_by: str | None = None
+    """Canary: the column naming the entity (default: the request's ``id_field``)."""
+
+    def stage_config(self) -> tuple[str, ChallengerSpec]:
+        """The model name and the challenger its stages get."""
+        name, ref = parse_model_ref(self.model if "@" in self.model else f"{self.model}@challenger")
+        spec = ChallengerSpec.model_validate({
+            "version" if isinstance(ref, int) else "alias": ref,
+            "mode": self.mode,
+            "share": self.share,
+            "sticky_by": self.sticky_by,
+        })  # fmt: skip
+        return name, spec
+
+
 class AppArgs(BaseModel):
     """Arguments of the Serve application (``args:`` in a Serve config)."""
 
@@ -100,6 +129,10 @@ class AppArgs(BaseModel):
     model: str | None = Field(default=None, examples=["fraud@challenger", "fraud@2"])
     """Serve this model reference in every model stage that uses that model name.
     Changing it on a running app reloads the model in place (``user_config``)."""
+    challenger: ChallengerArgs | None = None
+    """A challenger (shadow, canary or off) for every model stage that uses its model
+    name, in place of the spec's. Changing it on a running app switches in place
+    (``user_config``), as ``model`` does."""
     api_key_env: str = "STAGELINE_API_KEY"
     """Environment variable holding the API key; no key means no authentication."""
     api_key_file: str | None = None
@@ -121,7 +154,7 @@ def build_app(args: AppArgs) -> Application:
     home = str(resolve_home(args.home))
     version = code_version(spec, home, args)
     handles = [
-        versioned(deployment(spec, segment, home, args.model), version).bind(
+        versioned(deployment(spec, segment, home, args.model, args.challenger), version).bind(
             spec, list(segment.stages), home
         )
         for segment in spec.segments()
@@ -140,7 +173,7 @@ def build_app(args: AppArgs) -> Application:
         max_ongoing_requests=max_ongoing,
         max_queued_requests=max_queued,
         # Model stages placed inline reload in the ingress replica.
-        user_config=user_config(spec, inline, args.model),
+        user_config=user_config(spec, inline, args.model, args.challenger),
         logging_config=_logging(spec),
         **ROLLOUT,
         **SHUTDOWN,
@@ -185,7 +218,13 @@ def code_version(spec: PipelineSpec, home: str, args: AppArgs) -> str:
     return digest.hexdigest()
 
 
-def deployment(spec: PipelineSpec, segment: Segment, home: str, model: str | None) -> Any:
+def deployment(
+    spec: PipelineSpec,
+    segment: Segment,
+    home: str,
+    model: str | None,
+    challenger: ChallengerArgs | None = None,
+) -> Any:
     """The generic stage deployment configured for one segment."""
     options: StageServeSpec = spec.stage(segment.stages[0]).serve
     return cast(Deployment, StageDeployment).options(
@@ -196,7 +235,7 @@ def deployment(spec: PipelineSpec, segment: Segment, home: str, model: str | Non
         ),
         max_ongoing_requests=options.max_ongoing_requests,
         max_queued_requests=options.max_queued_requests,
-        user_config=user_config(spec, segment.stages, model),
+        user_config=user_config(spec, segment.stages, model, challenger),
         logging_config=_logging(spec),
         **ROLLOUT,
         **SHUTDOWN,
@@ -204,23 +243,40 @@ def deployment(spec: PipelineSpec, segment: Segment, home: str, model: str | Non
     )
 
 
-def user_config(spec: PipelineSpec, stages: Sequence[str], model: str | None) -> dict[str, Any]:
+def user_config(
+    spec: PipelineSpec,
+    stages: Sequence[str],
+    model: str | None,
+    challenger: ChallengerArgs | None = None,
+) -> dict[str, Any]:
     """The :class:`~stageline.service.UserConfig` of a deployment running ``stages``:
     for each :class:`~stageline.stage.Reloadable` stage, its reload params. A stage
     serving ``model``'s name gets that reference (``{"alias": "challenger"}``), the
-    others their spec's own alias or version.
+    others their spec's own alias or version; a stage that can take a challenger gets
+    ``challenger``'s when it serves that model name, else its spec's (or none).
 
-    Always given, so a redeploy without ``model`` moves a swapped replica back."""
+    Always given, so a redeploy without ``model`` or ``challenger`` moves a swapped
+    replica back to what the spec says."""
     name, ref = parse_model_ref(model) if model is not None else (None, None)
+    rival, rival_spec = challenger.stage_config() if challenger is not None else (None, None)
     config: dict[str, dict[str, Any]] = {}
     for stage in map(spec.stage, stages):
-        if not issubclass(resolve_class(stage.uses, spec.base_dir), Reloadable):
+        cls = resolve_class(stage.uses, spec.base_dir)
+        if not issubclass(cls, Reloadable):
             continue
         params = stage.params
         if name is not None and params.get("model") == name:
             config[stage.name] = {"version" if isinstance(ref, int) else "alias": ref}
         else:
             config[stage.name] = {k: params[k] for k in ("alias", "version") if k in params}
+        # Named in its __init__ (a model stage), not taken through **kwargs: a stage of
+        # the user's own gets no key it never asked for.
+        if "challenger" in inspect.signature(cls).parameters:
+            taken = rival_spec if rival is not None and params.get("model") == rival else None
+            chosen = taken or stage.challenger
+            config[stage.name]["challenger"] = (
+                chosen.model_dump(mode="json") if chosen is not None else None
+            )
     return UserConfig(stages=config).model_dump(mode="json", exclude_defaults=True)
 
 

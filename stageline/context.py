@@ -102,4 +102,11 @@ def stage_factory(
             # this process's environment to find the same registry and tables.
             locations=StorageLocations.resolve(spec, home),
         )
+    if stage.challenger is not None:
+        if not accepts(cls, "challenger"):
+            raise SpecError(
+                f"stage {stage.name!r}: {cls.__name__} takes no challenger: only a model "
+                "stage (stageline.stages.model:XGBoostPredictor) scores one"
+            )
+        kwargs["challenger"] = stage.challenger
     return cls, kwargs

@@ -22,6 +22,7 @@ import yaml
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from stageline.spec_base import LocatedError, SpecError, SpecModel
+from stageline.spec_challenger import ChallengerSpec
 from stageline.spec_classes import (
     ParamsError,
     accepts,
@@ -120,6 +121,9 @@ class StageSpec(SpecModel):
     """Options of the stage's Ray Serve deployment."""
     batch: StageBatchSpec = StageBatchSpec()
     """Options of the stage's Ray Data actor pool."""
+    challenger: ChallengerSpec | None = None
+    """A model stage's challenger: another version of its model scored in shadow or
+    answering a canary share (see the README's "Champion and challenger")."""
 
     @field_validator("name")
     @classmethod
@@ -375,6 +379,12 @@ def load_spec(path: str | Path, *, check_stages: bool = True) -> PipelineSpec:
                 if isinstance(e, ParamsError):
                     loc = ("stages", i, "params")
                 raise SpecError(f"{path}: {_where(loc, node)}: {e}") from None
+            if stage.challenger is not None and not accepts(cls, "challenger"):
+                where = _where(("stages", i, "challenger"), node)
+                raise SpecError(
+                    f"{path}: {where}: {cls.__name__} takes no challenger: only a model "
+                    "stage (stageline.stages.model:XGBoostPredictor) scores one"
+                )
         if spec.setup is not None:
             try:
                 setup_function(spec)

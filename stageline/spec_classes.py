@@ -114,6 +114,10 @@ class ChecksParams(Protocol):
         ...
 
 
+INJECTED = ("context", "challenger")
+"""Constructor arguments a stage gets from elsewhere than its ``params``."""
+
+
 def check_params(cls: type, params: Mapping[str, Any], base_dir: Path | None = None) -> None:
     """Bind the spec's params to the class's ``__init__`` without constructing it, then let
     a :class:`ChecksParams` class check their values (relative paths from ``base_dir``)."""
@@ -121,11 +125,12 @@ def check_params(cls: type, params: Mapping[str, Any], base_dir: Path | None = N
         sig = inspect.signature(cls)
     except (TypeError, ValueError):
         return
-    injected = {k: None for k in ("context",) if k in sig.parameters}
+    # Given by the runtime (``context``) or by the stage's own spec key (``challenger``).
+    injected = {k: None for k in INJECTED if k in sig.parameters}
     try:
         sig.bind(**params, **injected)
     except TypeError as e:
-        expected = [p for p in sig.parameters if p not in ("context", "self")]
+        expected = [p for p in sig.parameters if p not in (*INJECTED, "self")]
         raise ParamsError(
             f"params do not fit {cls.__name__}: {e} (it takes: {', '.join(expected) or 'nothing'})"
         ) from None

@@ -81,6 +81,9 @@ class ServedModel(BaseModel):
     """Held-out metrics recorded at training."""
     load_error: str | None = None
     """Why the last reload failed (the stage kept serving ``version``), else None."""
+    challenger: dict[str, Any] | None = None
+    """The challenger configured beside it (its mode, share, sticky key, the version
+    loaded and any reload error), else None."""
 
 
 class StageStatus(BaseModel):

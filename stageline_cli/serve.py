@@ -27,8 +27,9 @@ def add_serve(add: AddCommand) -> None:
         "with Ray Serve, placed as the spec's serve section says: the stages in serve.inline "
         "run inside the ingress replicas (by default, every stage not in a serve.fuse group), "
         "each other stage in an autoscaling deployment of its own (serve.fuse groups share "
-        "one). With --model on an app that is already running, move it to that model version "
-        "in place instead.",
+        "one). With --model or --challenger on an app that is already running, move it to that "
+        "model version, or set its challenger, in place instead (each swap sets both: what "
+        "it does not name goes back to the spec's).",
     )
     spec_option(srv)
     srv.add_argument("--host", default="127.0.0.1", help="HTTP host (default: %(default)s)")
@@ -41,6 +42,34 @@ def add_serve(add: AddCommand) -> None:
         "default: the spec's serve.placement (local)",
     )
     srv.add_argument("--model", help="serve this model, e.g. fraud@challenger or fraud@2")
+    challenger = srv.add_argument_group(
+        "challenger", "compare another model version with the champion on live traffic"
+    )
+    challenger.add_argument(
+        "--challenger",
+        metavar="REF",
+        help="the challenger, e.g. fraud@challenger or fraud@3, in place of the spec's",
+    )
+    challenger.add_argument(
+        "--challenger-mode",
+        choices=("shadow", "canary", "off"),
+        default="shadow",
+        help="shadow: both score every record, the champion answers, the challenger is "
+        "logged; canary: the challenger answers a share of entities; off: the champion "
+        "alone (default: %(default)s)",
+    )
+    challenger.add_argument(
+        "--share",
+        type=float,
+        default=0.1,
+        help="canary: the share of entities the challenger answers (default: %(default)s)",
+    )
+    challenger.add_argument(
+        "--sticky-by",
+        metavar="FIELD",
+        help="canary: the field naming the entity, e.g. customer_id (default: the "
+        "request's id field)",
+    )
     srv.add_argument(
         "--api-key-file", help="require the API key in this file (or set $STAGELINE_API_KEY)"
     )
@@ -57,7 +86,7 @@ def add_serve(add: AddCommand) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     spec, home = load(args), resolve_home(args.home)
-    if os.environ.get(supervisor.RUN_ENV) is None and args.model:
+    if os.environ.get(supervisor.RUN_ENV) is None and (args.model or args.challenger):
         # Before serve_app imports Ray: connecting to a running server needs settings
         # Ray reads at import.
         running = localray.running_server(home)
@@ -94,20 +123,29 @@ def swap_model(
         local.deploy(_app_args(args, home))
     finally:
         ray_disconnect()
-    return report_models(str(running["url"]), args.model)
+    return report_models(str(running["url"]), args.model or args.challenger)
 
 
 def _app_args(args: argparse.Namespace, home: Path) -> AppArgs:
     from serve_app import AppArgs
 
-    return AppArgs(
-        spec=args.spec,
-        home=str(home),
-        model=args.model,
-        api_key_file=args.api_key_file,
-        online=args.online,
-        placement=args.placement,
-    )
+    challenger = None
+    if args.challenger:
+        challenger = {
+            "model": args.challenger,
+            "mode": args.challenger_mode,
+            "share": args.share,
+            "sticky_by": args.sticky_by,
+        }
+    return AppArgs.model_validate({
+        "spec": args.spec,
+        "home": str(home),
+        "model": args.model,
+        "challenger": challenger,
+        "api_key_file": args.api_key_file,
+        "online": args.online,
+        "placement": args.placement,
+    })  # fmt: skip
 
 
 def run_server(args: argparse.Namespace, spec: PipelineSpec, home: Path) -> int:
@@ -168,6 +206,25 @@ def report_models(url: str, wanted: str) -> int:
             failed = True
             line += f"; could not load {wanted}: {model['load_error']}"
         print(line)
+        rival = model.get("challenger")
+        if rival:
+            print(f"{model['stage']}: challenger {_challenger_line(rival)}")
+            if rival.get("load_error"):
+                failed = True
     if failed:
         raise CliError(f"{wanted} did not load; the previous version keeps serving (see above)")
     return 0
+
+
+def _challenger_line(rival: dict[str, Any]) -> str:
+    """``v2 (challenger) in canary, 10% of customer_id``, as /models reports it."""
+    if rival.get("mode") == "off" or "version" not in rival:
+        line = "off"
+    else:
+        ref = rival.get("alias") or "challenger"
+        line = f"v{rival['version']} ({ref}) in {rival['mode']}"
+        if rival["mode"] == "canary":
+            line += f", {rival['share']:.0%} of {rival['sticky_by']}"
+    if rival.get("load_error"):
+        line += f"; could not load: {rival['load_error']}"
+    return line

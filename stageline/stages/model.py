@@ -4,16 +4,29 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 import xgboost as xgb
+from pydantic import ValidationError
 
+from stageline.challenger import (
+    CANARY,
+    CHALLENGER,
+    CHAMPION,
+    SHADOW,
+    in_canary,
+    mode_column,
+    role_column,
+    shadow_output,
+)
 from stageline.context import StageContext
 from stageline.outputs import MODEL
 from stageline.registry import LoadedModel, ModelMetadata, RegistryError, Task
 from stageline.spec import resolve_class
+from stageline.spec_challenger import ChallengerSpec
 from stageline.stage import (
     BaseStage,
     ServedModel,
@@ -31,6 +44,16 @@ MODEL_NAME, MODEL_VERSION = (m.name for m in MODEL)
 
 class ModelTaskError(StageError):
     """The registered model's task is not the one the stage was configured for."""
+
+
+@dataclass(frozen=True)
+class Challenger:
+    """A loaded challenger and how it takes part (shadow, or a canary share)."""
+
+    spec: ChallengerSpec
+    loaded: LoadedModel
+    sticky_by: str
+    """The column that names the entity (canary)."""
 
 
 class XGBoostPredictor(BaseStage):
@@ -61,6 +84,14 @@ class XGBoostPredictor(BaseStage):
     Decision stage that pins its own threshold wants that). Other tasks explain every
     row. Several predictors with different ``output`` names make an
     ensemble; a later model may use an earlier one's score as a feature.
+
+    ``challenger`` (the stage spec's ``challenger:``, a
+    :class:`~stageline.spec_challenger.ChallengerSpec`) scores another version of the
+    model beside the champion: in ``shadow`` mode every row, its predictions under
+    ``<o>_challenger...`` for the prediction log only; in ``canary`` mode it answers the
+    rows of a sticky share of entities. Either way ``<o>_role`` and ``<o>_mode`` say who
+    answered (:mod:`stageline.challenger`). These columns are not among
+    ``provided_columns``: they come and go as the challenger is switched at run time.
     """
 
     def __init__(
@@ -77,6 +108,7 @@ class XGBoostPredictor(BaseStage):
         reasons_for: Literal["positive", "all"] = "positive",
         model_identity: bool = False,
         nthread: int = 1,
+        challenger: ChallengerSpec | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(name=context.stage_name)
         if alias is not None and version is not None:
@@ -96,6 +128,15 @@ class XGBoostPredictor(BaseStage):
         self.load_error: str | None = None
         self.ref: str | int = version if version is not None else alias or "champion"
         self.loaded = self._load(self.ref)
+        self.default_sticky_by = context.spec.request.id_field
+        self.challenger: Challenger | None = None
+        self.challenger_spec: ChallengerSpec | None = None
+        self.challenger_error: str | None = None
+        if challenger is not None:
+            # At start-up a challenger that cannot load is a spec error, as the champion is.
+            spec = ChallengerSpec.model_validate(challenger)
+            self.challenger = self._challenger(spec)
+            self.challenger_spec = spec
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -114,8 +155,16 @@ class XGBoostPredictor(BaseStage):
         return loaded
 
     def reconfigure(self, params: Mapping[str, Any]) -> None:
-        """Swap to another alias or version; on failure keep serving the current one."""
+        """Swap to another alias or version, and set, change or drop the challenger
+        (``params["challenger"]``: a :class:`ChallengerSpec` as a mapping, or None for
+        none; absent, it stays as it is). A model that fails to load is reported and the
+        current one keeps serving, the champion and the challenger each on its own."""
         ref: str | int = params.get("version") or params.get("alias") or "champion"
+        self._reload(ref)
+        if "challenger" in params:
+            self._reload_challenger(params["challenger"])
+
+    def _reload(self, ref: str | int) -> None:
         try:
             # The alias may have moved since it was loaded: resolve it afresh (cheap).
             target = self.registry.resolve(self.model_name, ref)
@@ -123,20 +172,57 @@ class XGBoostPredictor(BaseStage):
                 self.ref, self.load_error = ref, None
                 return
             loaded = self._load(target.version)
-            current = self.loaded.metadata
-            if loaded.metadata.classes != current.classes:
-                # The spec's outputs name the class columns: a reload must keep them.
-                raise ModelTaskError(
-                    f"{target.name} v{target.version} has classes {loaded.metadata.classes} "
-                    f"but v{current.version} has {current.classes}; the pipeline's outputs "
-                    "name the classes, so change them with a new deployment, not a reload"
-                )
+            self._check_classes(loaded, self.loaded)
         except (RegistryError, ModelTaskError) as e:
             self.load_error = f"{self.model_name}@{ref}: {e}"
             log.error("stage %r keeps serving %s: %s", self.name, self.describe(), e)
             return
         self.loaded, self.ref, self.load_error = loaded, ref, None
         log.info("stage %r now serves %s", self.name, self.describe())
+
+    @staticmethod
+    def _check_classes(loaded: LoadedModel, current: LoadedModel) -> None:
+        new, old = loaded.metadata, current.metadata
+        if new.classes != old.classes:
+            # The spec's outputs name the class columns: a reload must keep them.
+            raise ModelTaskError(
+                f"{new.name} v{new.version} has classes {new.classes} but v{old.version} has "
+                f"{old.classes}; the pipeline's outputs name the classes, so change them with "
+                "a new deployment, not a reload"
+            )
+
+    def _challenger(self, spec: ChallengerSpec) -> Challenger | None:
+        """``spec``'s challenger loaded (None when its mode is ``off``); raises
+        RegistryError or ModelTaskError."""
+        if spec.mode == "off":
+            return None
+        current = self.challenger
+        target = self.registry.resolve(self.model_name, spec.ref)
+        if current is not None and current.loaded.metadata.version == target.version:
+            loaded = current.loaded  # the same version: a change of mode or share only
+        else:
+            loaded = self._load(target.version)
+        self._check_classes(loaded, self.loaded)
+        return Challenger(spec, loaded, spec.sticky_by or self.default_sticky_by)
+
+    def _reload_challenger(self, value: Any) -> None:
+        try:
+            spec = None if value is None else ChallengerSpec.model_validate(value)
+            challenger = None if spec is None else self._challenger(spec)
+        except (ValidationError, RegistryError, ModelTaskError) as e:
+            self.challenger_error = f"challenger {value!r}: {e}"
+            log.error("stage %r keeps its challenger (%s): %s", self.name, self._vs(), e)
+            return
+        self.challenger, self.challenger_spec, self.challenger_error = challenger, spec, None
+        log.info("stage %r: %s", self.name, self._vs())
+
+    def _vs(self) -> str:
+        """``fraud v1 (champion) vs v2 in shadow``, or what the champion serves alone."""
+        c = self.challenger
+        if c is None:
+            return f"{self.describe()} alone"
+        how = f"canary {c.spec.share:.0%} by {c.sticky_by}" if c.spec.mode == CANARY else SHADOW
+        return f"{self.describe()} vs v{c.loaded.metadata.version} ({how})"
 
     def describe(self) -> str:
         meta = self.loaded.metadata
@@ -153,16 +239,41 @@ class XGBoostPredictor(BaseStage):
             threshold=meta.threshold,
             metrics=meta.metrics,
             load_error=self.load_error,
+            challenger=self.challenger_status(),
         )
         details: dict[str, Any] = {"task": meta.task}
         if meta.classes is not None:
             details["classes"] = list(meta.classes)
         return StageStatus(model=served, details=details)
 
+    def challenger_status(self) -> dict[str, Any] | None:
+        """The challenger as ``/models`` shows it: its spec, the version it loaded (none
+        when ``off``) and why a reload of it failed, if one did; None without one."""
+        c, spec = self.challenger, self.challenger_spec
+        if spec is None and self.challenger_error is None:
+            return None
+        out: dict[str, Any] = spec.model_dump(exclude_none=True) if spec is not None else {}
+        if c is not None:
+            out |= {"model": c.loaded.metadata.name, "version": c.loaded.metadata.version}
+            if c.spec.mode == CANARY:
+                out["sticky_by"] = c.sticky_by
+        out["load_error"] = self.challenger_error
+        return out
+
     # -- inference -------------------------------------------------------------
 
     def required_columns(self) -> tuple[str, ...]:
-        meta = self.loaded.metadata
+        needed = self._inputs(self.loaded.metadata)
+        c = self.challenger
+        if c is not None:
+            extra = self._inputs(c.loaded.metadata)
+            if c.spec.mode == CANARY:
+                extra += (c.sticky_by,)
+            needed += tuple(x for x in extra if x not in needed)
+        return needed
+
+    @staticmethod
+    def _inputs(meta: ModelMetadata) -> tuple[str, ...]:
         encoded = set(encoder_outputs(meta.encoders))
         return (*(f for f in meta.features if f not in encoded), *meta.encoders)
 
@@ -204,6 +315,64 @@ class XGBoostPredictor(BaseStage):
 
     def process(self, batch: pd.DataFrame) -> pd.DataFrame:
         loaded = self.loaded  # one version for the whole batch, even mid-reload
+        challenger = self.challenger
+        o = self.output
+        if challenger is None:
+            columns, bad, why = self._predict(batch, loaded, o, self.reasons, self.model_identity)
+        elif challenger.spec.mode == SHADOW:
+            # The answer is the champion's, exactly as without a challenger; the
+            # challenger's scores of the same rows ride along for the log. A row only the
+            # challenger cannot score (a feature of its own not finite) has no shadow score.
+            columns, bad, why = self._predict(batch, loaded, o, self.reasons, self.model_identity)
+            shadow, _, _ = self._predict(batch, challenger.loaded, shadow_output(o), 0, False)
+            columns |= shadow
+            columns[role_column(o)] = CHAMPION
+            columns[mode_column(o)] = SHADOW
+        else:
+            picked = in_canary(batch[challenger.sticky_by], challenger.spec.share)
+            columns, bad, why = self._canary(batch, loaded, challenger.loaded, picked)
+            columns[role_column(o)] = np.where(picked, CHALLENGER, CHAMPION).astype(object)
+            columns[mode_column(o)] = CANARY
+        out = with_columns(batch, columns)
+        if bad.any():
+            mark_errors(out, bad, self.name, why)
+        return out
+
+    def _canary(
+        self,
+        batch: pd.DataFrame,
+        champion: LoadedModel,
+        challenger: LoadedModel,
+        picked: np.ndarray[Any, np.dtype[np.bool_]],
+    ) -> tuple[dict[str, Any], np.ndarray[Any, np.dtype[np.bool_]], np.ndarray[Any, Any]]:
+        """Each row predicted by the model its entity is routed to (``picked``: the
+        challenger): each model runs once, on its own rows, and the columns interleave."""
+        o, k, identity = self.output, self.reasons, self.model_identity
+        if not picked.any():
+            return self._predict(batch, champion, o, k, identity)
+        if picked.all():
+            return self._predict(batch, challenger, o, k, identity)
+        rows = np.flatnonzero(picked)
+        others = np.flatnonzero(~picked)
+        ours = self._predict(batch.iloc[others].reset_index(drop=True), champion, o, k, identity)
+        theirs = self._predict(batch.iloc[rows].reset_index(drop=True), challenger, o, k, identity)
+        columns: dict[str, Any] = {}
+        for name, value in ours[0].items():
+            a, b = _full(value, len(others)), _full(theirs[0][name], len(rows))
+            merged = np.empty(len(batch), dtype=np.result_type(a, b))
+            merged[others], merged[rows] = a, b
+            columns[name] = merged
+        bad = np.zeros(len(batch), dtype=bool)
+        bad[others], bad[rows] = ours[1], theirs[1]
+        why = np.full(len(batch), "", dtype=object)
+        why[others], why[rows] = ours[2], theirs[2]
+        return columns, bad, why
+
+    def _predict(
+        self, batch: pd.DataFrame, loaded: LoadedModel, output: str, reasons: int, identity: bool
+    ) -> tuple[dict[str, Any], np.ndarray[Any, np.dtype[np.bool_]], np.ndarray[Any, Any]]:
+        """``loaded``'s columns for ``batch`` under ``output`` (arrays or scalars), the
+        rows it could not score and why."""
         meta = loaded.metadata
         matrix = self.features(batch, loaded)
         # NaN is XGBoost's missing value, but an infinite feature (a corrupt upstream
@@ -216,39 +385,37 @@ class XGBoostPredictor(BaseStage):
         predicted_class: np.ndarray[Any, Any] | None = None
         explain = ~bad  # the rows that get reasons
         if meta.task == "multiclass":
-            predicted_class = self._classify(columns, loaded, good, bad)
+            predicted_class = self._classify(columns, loaded, good, bad, output)
         else:
             scores = np.full(len(batch), np.nan)
             if len(good):
                 predicted = loaded.booster.inplace_predict(good, validate_features=False)
                 scores[~bad] = np.asarray(predicted, dtype=np.float64)
-            columns[self.output] = scores
+            columns[output] = scores
             if meta.task == "binary":
-                columns[f"{self.output}_threshold"] = meta.threshold
+                columns[f"{output}_threshold"] = meta.threshold
                 if self.reasons_for == "positive":
                     explain = explain & (scores >= meta.threshold)
-        columns[f"{self.output}_model"] = meta.name
-        columns[f"{self.output}_version"] = meta.version
-        if self.model_identity:
+        columns[f"{output}_model"] = meta.name
+        columns[f"{output}_version"] = meta.version
+        if identity:
             columns[MODEL_NAME] = meta.name
             columns[MODEL_VERSION] = meta.version
-        if self.reasons:
+        if reasons:
             rows = np.flatnonzero(explain)
             top = self._top_reasons(loaded, matrix[rows], predicted_class) if len(rows) else []
-            reasons = np.full(len(batch), None, dtype=object)  # None for a row not scored
+            found = np.full(len(batch), None, dtype=object)  # None for a row not scored
             for i in np.flatnonzero(~bad & ~explain):
-                reasons[i] = []  # scored, not explained
+                found[i] = []  # scored, not explained
             for i, row in zip(rows, top, strict=True):
-                reasons[i] = row
-            columns[f"{self.output}_reasons"] = reasons
-        out = with_columns(batch, columns)
+                found[i] = row
+            columns[f"{output}_reasons"] = found
+        why = np.full(len(batch), "", dtype=object)
         if bad.any():
             names = np.array(meta.features, dtype=object)
-            why = np.full(len(batch), "", dtype=object)
             for i in np.flatnonzero(bad):
                 why[i] = f"{', '.join(names[infinite[i]])}: not a finite number"
-            mark_errors(out, bad, self.name, why)
-        return out
+        return columns, bad, why
 
     def _classify(
         self,
@@ -256,6 +423,7 @@ class XGBoostPredictor(BaseStage):
         loaded: LoadedModel,
         good: np.ndarray[Any, Any],
         bad: np.ndarray[Any, np.dtype[np.bool_]],
+        o: str,
     ) -> np.ndarray[Any, Any]:
         """Put a multiclass model's columns in ``columns``; the predicted class of each
         good row."""
@@ -276,7 +444,6 @@ class XGBoostPredictor(BaseStage):
         names[~bad] = classes[best]
         top = np.full(len(bad), np.nan)
         top[~bad] = probs[~bad][np.arange(len(good)), best]
-        o = self.output
         columns[o] = top
         columns[f"{o}_class"] = names
         for i, name in enumerate(classes):
@@ -325,3 +492,12 @@ def _check_alone(context: StageContext, output: str, model_identity: bool) -> No
                 "only one model stage can say which model answers; an ensemble's Combine "
                 "stage says it (its first input's model)"
             )
+
+
+def _full(value: Any, n: int) -> np.ndarray[Any, Any]:
+    """A column value (an array, or one scalar for every row) as an array of ``n``."""
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, str):
+        return np.full(n, value, dtype=object)
+    return np.full(n, value)
