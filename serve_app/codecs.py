@@ -54,6 +54,14 @@ class RequestCodec:
         }
         for f in self.contract.outputs:
             fields[f.name] = (PYTHON_TYPES[f.type] | None, Field(None, description=f.description))
+        fields["model"] = (
+            _ModelRef | None,
+            Field(
+                None,
+                description="The model that scored this record, given only when the records "
+                "of one answer were scored by different models (a canary challenger).",
+            ),
+        )
         item = create_model(f"{_title(spec.name)}Prediction", **fields)
         return create_model(
             f"{_title(spec.name)}PredictAnswer",
@@ -105,11 +113,17 @@ class RequestCodec:
         scored = [(invalid or {}).get(i) or next(rows) for i in range(total)]
         out, failed = [], []
         id_field = self.contract.id_field
+        # A canary challenger answers some entities: when the records of one answer were
+        # scored by different models, each prediction names its own.
+        models = {(r.get("model_name"), r.get("model_version")) for r in scored if not r["error"]}
+        mixed = len(models) > 1
         for i, row in enumerate(scored):
             if row["error"]:
                 stage, reason = split_error(row["error"])
                 out.append({id_field: row[id_field], "error": {"stage": stage, "message": reason}})
                 failed.append({"record": i, "stage": stage, "message": reason})
+            elif mixed:
+                out.append({**self.contract.prediction(row), "model": self.contract.model(row)})
             else:
                 out.append(self.contract.prediction(row))
         if len(failed) == len(out):

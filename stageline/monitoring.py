@@ -4,7 +4,8 @@
 profile of the model version that scored them (:func:`stageline.training.profile`): the
 population stability index of each feature and of the score, on the training deciles,
 and the shift of the score's mean. :func:`evaluate` joins labels that arrived later to
-the logged predictions by the record's id, and scores each model version per day.
+the logged predictions by the record's id, and scores each model version per day;
+:func:`compare` puts a champion and its challenger side by side.
 """
 
 from __future__ import annotations
@@ -18,6 +19,14 @@ from typing import Any, Literal, cast
 import numpy as np
 import pandas as pd
 
+from stageline.challenger import (
+    CANARY,
+    CHALLENGER,
+    CHAMPION,
+    SHADOW,
+    predictions_by_role,
+    shadow_output,
+)
 from stageline.predlog import TIME_COLUMN, log_location, read_log
 from stageline.registry import ModelMetadata, open_registry
 from stageline.spec import PipelineSpec, SpecError
@@ -354,7 +363,21 @@ def _card(d: Drift, *, score: bool) -> str:
 # --------------------------------------------------------------------------- evaluation
 
 
-def evaluate(
+@dataclass(frozen=True)
+class Labelled:
+    """Logged predictions joined with their labels: one row per model that scored a
+    record (:func:`~stageline.challenger.predictions_by_role`), the last of each."""
+
+    model: str
+    rows: pd.DataFrame
+    """``role``, ``mode``, ``version``, ``prediction``, ``label``, ``day`` and the id."""
+    shadow: pd.DataFrame
+    """Shadow-scored records: ``champion``, ``challenger`` (versions), their
+    ``champion_score`` and ``challenger_score``, ``label``."""
+    binary: bool
+
+
+def labelled(
     spec: PipelineSpec,
     home: Path,
     truth: pd.DataFrame,
@@ -362,12 +385,9 @@ def evaluate(
     label: str | None = None,
     since: datetime | None = None,
     frame: pd.DataFrame | None = None,
-) -> pd.DataFrame:
-    """Logged predictions joined with labels that arrived later, by the record's id
-    (the request's ``id_field``; the last prediction of an id per model version), scored
-    per model version and day: ``n`` and AUC, log loss and the positive rate for a binary
-    model, MAE and RMSE for a regression one. ``label``: the labels' column (default:
-    ``training.label``)."""
+) -> Labelled:
+    """The logged predictions that have a label (the request's ``id_field`` joined with
+    ``truth``; ``label``: its column, default ``training.label``)."""
     frame = logged(spec, home, since) if frame is None else frame
     name, output, version_column = _model_columns(spec)
     id_field = spec.request.id_field
@@ -379,32 +399,172 @@ def evaluate(
             raise SpecError(f"the labels have no column {column!r}")
     binary = (model_stage(spec).params.get("task") or "binary") == "binary"
     truth = truth[[id_field, label]].drop_duplicates(id_field, keep="last")
-    ordered = frame.sort_values(TIME_COLUMN, kind="stable")
-    latest = ordered.drop_duplicates([id_field, version_column], keep="last")
-    joined = latest.merge(truth, on=id_field, how="inner", suffixes=("", "_label"))
-    label_column = label if label not in frame.columns else f"{label}_label"
-    joined = joined[joined[output].notna()]
-    if joined.empty:
+    truth = truth.rename(columns={label: "label"})
+    frame = frame.sort_values(TIME_COLUMN, kind="stable")
+    frame = frame.assign(day=pd.to_datetime(frame[TIME_COLUMN], utc=True).dt.strftime("%Y-%m-%d"))
+    by_role = predictions_by_role(frame.drop(columns=["label"], errors="ignore"), output)
+    by_role = by_role[by_role["prediction"].notna()]
+    rows = by_role.drop_duplicates([id_field, "version", "role"], keep="last").merge(
+        truth, on=id_field, how="inner"
+    )
+    if rows.empty:
         raise SpecError(f"no logged prediction of {name} has a label (joined on {id_field!r})")
-    joined["day"] = pd.to_datetime(joined[TIME_COLUMN], utc=True).dt.strftime("%Y-%m-%d")
+    rows["label"] = labels(rows["label"], binary)
+    shadow = shadow_output(output)
+    pairs = pd.DataFrame(
+        columns=["champion", "challenger", "champion_score", "challenger_score", "label"]
+    )
+    if f"{shadow}_version" in frame.columns:
+        scored = frame[frame[f"{shadow}_version"].notna() & frame[output].notna()]
+        scored = scored[scored[shadow].notna()]
+        scored = scored.drop_duplicates(
+            [id_field, version_column, f"{shadow}_version"], keep="last"
+        )
+        pairs = pd.DataFrame({
+            id_field: scored[id_field],
+            "champion": scored[version_column],
+            "challenger": scored[f"{shadow}_version"],
+            "champion_score": scored[output],
+            "challenger_score": scored[shadow],
+        }).merge(truth, on=id_field, how="inner")  # fmt: skip
+        pairs["label"] = labels(pairs["label"], binary) if len(pairs) else pairs["label"]
+    return Labelled(name, rows, pairs, binary)
+
+
+def _metrics(
+    y: np.ndarray[Any, Any], scores: np.ndarray[Any, Any], binary: bool
+) -> dict[str, float]:
+    if binary:
+        return {
+            "auc": roc_auc(y, scores),
+            "logloss": log_loss(y, scores),
+            "positive_rate": float(y.mean()),
+            "mean_score": float(scores.mean()),
+        }
+    return {"mae": float(np.abs(scores - y).mean()), "rmse": rmse(y, scores)}
+
+
+def evaluate(
+    spec: PipelineSpec,
+    home: Path,
+    truth: pd.DataFrame,
+    *,
+    label: str | None = None,
+    since: datetime | None = None,
+    frame: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """Logged predictions joined with labels that arrived later, by the record's id
+    (the request's ``id_field``; the last prediction of an id per model version and
+    role), scored per model version, role and day: ``n`` and AUC, log loss and the
+    positive rate for a binary model, MAE and RMSE for a regression one. ``role`` is
+    ``champion`` or ``challenger`` and ``mode`` ``shadow``, ``canary`` or None (no
+    challenger): a shadow challenger's rows are its own predictions of the records the
+    champion answered. ``label``: the labels' column (default: ``training.label``)."""
+    return scores(labelled(spec, home, truth, label=label, since=since, frame=frame))
+
+
+def scores(found: Labelled) -> pd.DataFrame:
+    """:func:`evaluate`'s table from predictions already joined with their labels."""
+    joined = found.rows.assign(mode=found.rows["mode"].fillna(""))
     rows = []
-    for (version, day), part in joined.groupby([version_column, "day"], sort=True):
-        y = labels(part[label_column], binary)
-        scores = part[output].to_numpy(dtype="float64")
+    keys = ["version", "role", "mode", "day"]
+    for (version, role, mode, day), part in joined.groupby(keys, sort=True):
+        y = part["label"].to_numpy(dtype="float64")
         row: dict[str, Any] = {
-            "model": name,
+            "model": found.model,
             "version": int(cast(float, version)),
+            "role": role,
+            "mode": mode or None,
             "day": day,
             "n": len(part),
         }
-        if binary:
-            row |= {
-                "auc": roc_auc(y, scores),
-                "logloss": log_loss(y, scores),
-                "positive_rate": float(y.mean()),
-                "mean_score": float(scores.mean()),
-            }
+        rows.append(row | _metrics(y, part["prediction"].to_numpy(dtype="float64"), found.binary))
+    # Champions first, then their challengers, each by version and day.
+    table = pd.DataFrame(rows)
+    order = table["role"].map({CHAMPION: 0, CHALLENGER: 1})
+    return table.assign(_o=order).sort_values(["_o", "version", "day"]).drop(columns="_o")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Champion and challenger side by side on labelled records: in ``shadow`` mode the
+    same records (both scored each), in ``canary`` mode each on its own traffic."""
+
+    model: str
+    mode: str
+    champion: int
+    challenger: int
+    n_champion: int
+    n_challenger: int
+    champion_metrics: dict[str, float]
+    challenger_metrics: dict[str, float]
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "comparison": self.mode,
+            "model": self.model,
+            "champion": {"version": self.champion, "n": self.n_champion} | self.champion_metrics,
+            "challenger": {"version": self.challenger, "n": self.n_challenger}
+            | self.challenger_metrics,
+        }
+
+    def table(self) -> str:
+        if self.mode == SHADOW:
+            head = (
+                f"shadow: {self.model} v{self.champion} (champion, answered) and "
+                f"v{self.challenger} (challenger, logged) on the same {self.n_champion} "
+                "labelled records"
+            )
         else:
-            row |= {"mae": float(np.abs(scores - y).mean()), "rmse": rmse(y, scores)}
-        rows.append(row)
-    return pd.DataFrame(rows)
+            head = (
+                f"canary: {self.model} v{self.champion} (champion) on its {self.n_champion} "
+                f"labelled records, v{self.challenger} (challenger) on its "
+                f"{self.n_challenger}"
+            )
+        rows = [["METRIC", f"CHAMPION v{self.champion}", f"CHALLENGER v{self.challenger}", "DIFF"]]
+        for metric, ours in self.champion_metrics.items():
+            theirs = self.challenger_metrics[metric]
+            rows.append([metric, f"{ours:.4f}", f"{theirs:.4f}", f"{theirs - ours:+.4f}"])
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+        return "\n".join([head, *lines])
+
+
+def compare(found: Labelled) -> list[Comparison]:
+    """Each champion and challenger pair in the labelled log, side by side: shadow pairs
+    on the records both scored, canary pairs each on the records it answered."""
+    out = []
+    shadow = found.shadow
+    for (champion, challenger), part in shadow.groupby(["champion", "challenger"], sort=True):
+        y = part["label"].to_numpy(dtype="float64")
+        out.append(
+            Comparison(
+                found.model,
+                SHADOW,
+                int(cast(float, champion)),
+                int(cast(float, challenger)),
+                len(part),
+                len(part),
+                _metrics(y, part["champion_score"].to_numpy(dtype="float64"), found.binary),
+                _metrics(y, part["challenger_score"].to_numpy(dtype="float64"), found.binary),
+            )
+        )
+    canary = found.rows[found.rows["mode"] == CANARY]
+    ours = canary[canary["role"] == CHAMPION].groupby("version", sort=True)
+    theirs = canary[canary["role"] == CHALLENGER].groupby("version", sort=True)
+    for champion, a in ours:
+        for challenger, b in theirs:
+            ya, yb = a["label"].to_numpy(dtype="float64"), b["label"].to_numpy(dtype="float64")
+            out.append(
+                Comparison(
+                    found.model,
+                    CANARY,
+                    int(cast(float, champion)),
+                    int(cast(float, challenger)),
+                    len(a),
+                    len(b),
+                    _metrics(ya, a["prediction"].to_numpy(dtype="float64"), found.binary),
+                    _metrics(yb, b["prediction"].to_numpy(dtype="float64"), found.binary),
+                )
+            )
+    return out

@@ -46,8 +46,9 @@ def add_monitor(add: AddCommand) -> None:
         "score logged predictions against labels that arrived later",
         "Join labels (the request's id field and the label) to the logged predictions by "
         "id, and report per model version and day: n, AUC, log loss and the positive rate "
-        "for a binary model, MAE and RMSE for a regression one; champion and challenger "
-        "side by side.",
+        "for a binary model, MAE and RMSE for a regression one. With a challenger in the "
+        "log, champion and challenger side by side: in shadow mode on the same records, "
+        "in canary mode each on the records it answered.",
     )
     spec_option(evaluate)
     evaluate.add_argument(
@@ -78,17 +79,24 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from stageline.monitoring import evaluate, parse_since
+    from stageline.monitoring import compare, labelled, parse_since, scores
 
     spec, home = load(args), resolve_home(args.home)
     since = parse_since(args.since) if args.since else None
-    table = evaluate(spec, home, read_records(args.labels), label=args.label, since=since)
+    found = labelled(spec, home, read_records(args.labels), label=args.label, since=since)
+    table, comparisons = scores(found), compare(found)
     if args.json:
         for row in table.to_dict(orient="records"):
             print(json.dumps(row))
+        for comparison in comparisons:
+            print(json.dumps(comparison.record()))
         return 0
     now = datetime.now(timezone.utc)
     print(f"{spec.name}: logged predictions with labels, per model version and day")
     print(f"(as of {now:%Y-%m-%d %H:%M} UTC)")
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    shown = table.assign(mode=table["mode"].fillna("-"))
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    for comparison in comparisons:
+        print()
+        print(comparison.table())
     return 0
