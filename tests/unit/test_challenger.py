@@ -28,11 +28,11 @@ from stageline.demo.train import EVENTS, DemoResult
 from stageline.monitoring import compare, labelled
 from stageline.pipeline import Pipeline, StageChain
 from stageline.predlog import REQUEST_ID, PredictionLog, read_log, scored_rows
-from stageline.registry import LocalRegistry, ModelMetadata
+from stageline.registry import LocalRegistry
 from stageline.service import ChainRunner, LoggedContract, ScoringService, UserConfig
 from stageline.spec import PipelineSpec, SpecError, load_spec
 from stageline.spec_challenger import ChallengerSpec
-from stageline.training import train
+from stageline.training import Trained, train
 from stageline_cli.main import main
 from tests.conftest import FRAUD_SPEC
 
@@ -40,7 +40,7 @@ ROWS = 3000  # of the holdout: enough for the statistics, quick to score
 
 
 @pytest.fixture(scope="module")
-def world(demo: DemoResult, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ModelMetadata]:
+def world(demo: DemoResult, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Trained]:
     """A copy of the demo home with a second, different model registered as
     ``fraud@challenger`` (v2); read-only for the tests of this module."""
     home = tmp_path_factory.mktemp("challenger") / "home"
@@ -53,7 +53,7 @@ def world(demo: DemoResult, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
 
 
 @pytest.fixture
-def home(world: tuple[Path, ModelMetadata], tmp_path: Path) -> Path:
+def home(world: tuple[Path, Trained], tmp_path: Path) -> Path:
     """This test's own home (its own prediction log) with the module's models."""
     copy = tmp_path / "home"
     shutil.copytree(world[0], copy)
@@ -324,7 +324,7 @@ def test_evaluate_puts_a_shadow_challenger_beside_the_champion_on_the_same_recor
     fraud_spec: PipelineSpec,
     home: Path,
     demo: DemoResult,
-    world: tuple[Path, ModelMetadata],
+    world: tuple[Path, Trained],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     holdout = pd.read_parquet(demo.holdout)
