@@ -526,7 +526,9 @@ class Comparison:
             theirs = self.challenger_metrics[metric]
             rows.append([metric, f"{ours:.4f}", f"{theirs:.4f}", f"{theirs - ours:+.4f}"])
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+        lines = [
+            "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+        ]
         return "\n".join([head, *lines])
 
 

@@ -221,8 +221,8 @@ def _challenger_line(rival: dict[str, Any]) -> str:
     if rival.get("mode") == "off" or "version" not in rival:
         line = "off"
     else:
-        ref = rival.get("alias") or "challenger"
-        line = f"v{rival['version']} ({ref}) in {rival['mode']}"
+        alias = f" ({rival['alias']})" if rival.get("alias") else ""
+        line = f"v{rival['version']}{alias} in {rival['mode']}"
         if rival["mode"] == "canary":
             line += f", {rival['share']:.0%} of {rival['sticky_by']}"
     if rival.get("load_error"):

@@ -38,10 +38,12 @@ def stageline(home: Path, *args: str) -> list[str]:
     ]
 
 
-def swap_model(home: Path, model: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def swap_model(
+    home: Path, model: str, env: dict[str, str], *more: str
+) -> subprocess.CompletedProcess[str]:
     """``stageline serve --model MODEL`` against the server already running for ``home``."""
     return subprocess.run(
-        stageline(home, "serve", "--model", model),
+        stageline(home, "serve", "--model", model, *more),
         capture_output=True,
         text=True,
         env=env,
@@ -153,6 +155,14 @@ def test_serve_answers_swaps_models_and_stops_cleanly(
         assert "fraud@9 did not load; the previous version keeps serving" in missing.stderr
         kept = requests.post(f"{url}/predict", json={"records": [good_record]}, timeout=30)
         assert kept.json()["model"] == {"name": "fraud", "version": 2}
+
+        # A canary of the whole traffic with v1 as the challenger, set the same way.
+        canary = ("--challenger", "fraud@1", "--challenger-mode", "canary", "--share", "1")
+        swap = swap_model(home, "fraud@challenger", env, *canary)
+        assert swap.returncode == 0, swap.stderr
+        assert "challenger v1 in canary, 100% of transaction_id" in swap.stdout
+        canaried = requests.post(f"{url}/predict", json={"records": [good_record]}, timeout=30)
+        assert canaried.json()["model"] == {"name": "fraud", "version": 1}
 
         # Ctrl-C, as a user stops it. The child has SIGINT at its default action even
         # when this run ignores it (a background job, nohup).
