@@ -39,7 +39,7 @@ class ChallengerSpec(SpecModel):
     entity gets the same model on every replica and after every restart, and raising
     the share keeps the entities already in the canary there."""
     sticky_by: str | None = None
-    """Canary: the column whose value is the entity (``customer_id``): all of an
+    """Canary: the request field whose value is the entity (``customer_id``): all of an
     entity's requests go to the same model. Default: the request's ``id_field``
     (each record on its own). A row without a value goes to the champion."""
 

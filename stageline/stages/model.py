@@ -129,6 +129,7 @@ class XGBoostPredictor(BaseStage):
         self.ref: str | int = version if version is not None else alias or "champion"
         self.loaded = self._load(self.ref)
         self.default_sticky_by = context.spec.request.id_field
+        self.request_fields = tuple(context.spec.request.fields)
         self.challenger: Challenger | None = None
         self.challenger_spec: ChallengerSpec | None = None
         self.challenger_error: str | None = None
@@ -193,9 +194,17 @@ class XGBoostPredictor(BaseStage):
 
     def _challenger(self, spec: ChallengerSpec) -> Challenger | None:
         """``spec``'s challenger loaded (None when its mode is ``off``); raises
-        RegistryError or ModelTaskError."""
+        RegistryError or ModelTaskError (a ``sticky_by`` that names no request field too)."""
         if spec.mode == "off":
             return None
+        sticky_by = spec.sticky_by or self.default_sticky_by
+        if sticky_by not in self.request_fields:
+            # Checked here, not on each request: a typo set at run time is refused
+            # whole, and the previous setting keeps serving.
+            raise ModelTaskError(
+                f"the challenger's sticky_by {sticky_by!r} is not a field of the request "
+                f"(they are: {', '.join(self.request_fields)})"
+            )
         current = self.challenger
         target = self.registry.resolve(self.model_name, spec.ref)
         if current is not None and current.loaded.metadata.version == target.version:
@@ -203,7 +212,7 @@ class XGBoostPredictor(BaseStage):
         else:
             loaded = self._load(target.version)
         self._check_classes(loaded, self.loaded)
-        return Challenger(spec, loaded, spec.sticky_by or self.default_sticky_by)
+        return Challenger(spec, loaded, sticky_by)
 
     def _reload_challenger(self, value: Any) -> None:
         try:

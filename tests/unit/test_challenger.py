@@ -279,6 +279,13 @@ def test_modes_switch_at_run_time_through_the_user_config_and_a_bad_one_keeps_th
     assert status.challenger is not None
     assert "nope" in str(status.challenger["load_error"])
 
+    switch({"alias": "challenger", "mode": "canary", "sticky_by": "custmer_id"})  # a typo
+    assert set(pipe.predict(some)["model_version"]) == {2}
+    [status] = [s.model for s in pipe.status().values() if s.model is not None]
+    assert status is not None
+    assert status.challenger is not None
+    assert "'custmer_id' is not a field of the request" in str(status.challenger["load_error"])
+
     # A swap of the champion alone leaves the challenger as it is.
     pipe.reconfigure({"model": {"alias": "champion"}})
     assert set(pipe.predict(some)["model_version"]) == {2}
