@@ -73,11 +73,9 @@ def test_shadow_answers_the_champion_then_a_canary_switched_in_answers_a_sticky_
         assert model["challenger"]["mode"] == "shadow"
         log = home / "logs" / "fraud"
 
-        def logged_all() -> pd.DataFrame | None:
-            frame = read_log(log)
-            return frame if len(frame) >= 60 else None
-
-        logged = wait_for(logged_all, timeout=30, what="the 60 shadowed predictions in the log")
+        wait_for(lambda: len(read_log(log)) >= 60, timeout=30, what="the 60 logged predictions")
+        logged = read_log(log)
+        assert len(logged) == 60
         assert set(logged["score_version"]) == {1}
         assert set(logged["score_challenger_version"]) == {2}
         assert set(logged["score_mode"]) == {"shadow"}
