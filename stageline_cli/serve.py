@@ -19,6 +19,17 @@ if TYPE_CHECKING:
     from serve_app import AppArgs
 
 
+def share(text: str) -> float:
+    """A share of traffic: a number from 0 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a share from 0 to 1 (0.1 is 10%)")
+    return value
+
+
 def add_serve(add: AddCommand) -> None:
     srv = add(
         "serve",
@@ -60,7 +71,7 @@ def add_serve(add: AddCommand) -> None:
     )
     challenger.add_argument(
         "--share",
-        type=float,
+        type=share,
         default=0.1,
         help="canary: the share of entities the challenger answers (default: %(default)s)",
     )

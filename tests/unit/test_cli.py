@@ -78,6 +78,7 @@ HELP = {
     "registry show": ["NAME@ALIAS", "NAME@VERSION", "--home"],
     "registry alias": ["champion", "version", "--home"],
     "materialize": ["--spec", "--view", "--home", "online store", "--online", "redis://"],
+    "serve": ["--model", "--challenger", "--challenger-mode", "shadow,canary,off", "--sticky-by"],
 }
 
 
@@ -91,6 +92,15 @@ def test_help_explains_every_command(capsys: pytest.CaptureFixture[str], command
     assert out.startswith(f"usage: {' '.join(['stageline', *argv])}")
     missing = [m for m in HELP[command] if m not in out]
     assert not missing, f"`{command} --help` does not mention {missing}"
+
+
+def test_a_canary_share_outside_0_to_1_is_refused_before_anything_starts(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--challenger", "fraud@challenger", "--share", "10"])
+    assert exit_.value.code == 2
+    assert "'10' is not a share from 0 to 1" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- errors
