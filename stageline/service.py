@@ -62,7 +62,9 @@ class UserConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     stages: dict[str, dict[str, Any]] = {}
-    """Per stage, what its ``reconfigure`` gets (``{"model": {"alias": "challenger"}}``)."""
+    """Per stage, what its ``reconfigure`` gets (``{"model": {"alias": "challenger"}}``;
+    a model stage's ``challenger``: ``{"alias": "challenger", "mode": "canary", "share":
+    0.1, "sticky_by": "customer_id"}``, or null for none)."""
     batch: BatchOverrides = BatchOverrides()
     """Batching options in place of the spec's."""
 
