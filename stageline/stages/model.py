@@ -46,6 +46,10 @@ class ModelTaskError(StageError):
     """The registered model's task is not the one the stage was configured for."""
 
 
+Predicted = tuple[dict[str, Any], np.ndarray[Any, np.dtype[np.bool_]], np.ndarray[Any, Any] | None]
+"""A model's columns for a batch, the rows it could not score, and why (None: none)."""
+
+
 @dataclass(frozen=True)
 class Challenger:
     """A loaded challenger and how it takes part (shadow, or a canary share)."""
@@ -343,7 +347,7 @@ class XGBoostPredictor(BaseStage):
             columns[role_column(o)] = np.where(picked, CHALLENGER, CHAMPION).astype(object)
             columns[mode_column(o)] = CANARY
         out = with_columns(batch, columns)
-        if bad.any():
+        if why is not None:
             mark_errors(out, bad, self.name, why)
         return out
 
@@ -353,7 +357,7 @@ class XGBoostPredictor(BaseStage):
         champion: LoadedModel,
         challenger: LoadedModel,
         picked: np.ndarray[Any, np.dtype[np.bool_]],
-    ) -> tuple[dict[str, Any], np.ndarray[Any, np.dtype[np.bool_]], np.ndarray[Any, Any]]:
+    ) -> Predicted:
         """Each row predicted by the model its entity is routed to (``picked``: the
         challenger): each model runs once, on its own rows, and the columns interleave."""
         o, k, identity = self.output, self.reasons, self.model_identity
@@ -373,15 +377,19 @@ class XGBoostPredictor(BaseStage):
             columns[name] = merged
         bad = np.zeros(len(batch), dtype=bool)
         bad[others], bad[rows] = ours[1], theirs[1]
+        if not bad.any():
+            return columns, bad, None
         why = np.full(len(batch), "", dtype=object)
-        why[others], why[rows] = ours[2], theirs[2]
+        for part, reasons in ((others, ours[2]), (rows, theirs[2])):
+            if reasons is not None:
+                why[part] = reasons
         return columns, bad, why
 
     def _predict(
         self, batch: pd.DataFrame, loaded: LoadedModel, output: str, reasons: int, identity: bool
-    ) -> tuple[dict[str, Any], np.ndarray[Any, np.dtype[np.bool_]], np.ndarray[Any, Any]]:
+    ) -> Predicted:
         """``loaded``'s columns for ``batch`` under ``output`` (arrays or scalars), the
-        rows it could not score and why."""
+        rows it could not score and why (None when it scored every row)."""
         meta = loaded.metadata
         matrix = self.features(batch, loaded)
         # NaN is XGBoost's missing value, but an infinite feature (a corrupt upstream
@@ -419,11 +427,12 @@ class XGBoostPredictor(BaseStage):
             for i, row in zip(rows, top, strict=True):
                 found[i] = row
             columns[f"{output}_reasons"] = found
+        if not bad.any():
+            return columns, bad, None  # the common case: nothing to explain, nothing built
         why = np.full(len(batch), "", dtype=object)
-        if bad.any():
-            names = np.array(meta.features, dtype=object)
-            for i in np.flatnonzero(bad):
-                why[i] = f"{', '.join(names[infinite[i]])}: not a finite number"
+        names = np.array(meta.features, dtype=object)
+        for i in np.flatnonzero(bad):
+            why[i] = f"{', '.join(names[infinite[i]])}: not a finite number"
         return columns, bad, why
 
     def _classify(

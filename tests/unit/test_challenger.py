@@ -242,6 +242,24 @@ def test_a_mixed_canary_answer_names_the_model_of_each_prediction(
         assert row["score_mode"] == "canary"
 
 
+def test_a_row_either_model_cannot_score_is_marked_and_the_others_are_answered(
+    fraud_spec: PipelineSpec, home: Path, records: pd.DataFrame
+) -> None:
+    spec = with_challenger(
+        fraud_spec, alias="challenger", mode="canary", share=0.5, sticky_by="customer_id"
+    )
+    features = Pipeline(fraud_spec, home)(records.head(200))
+    features = features[[c for c in features.columns if not c.startswith(("score", "label"))]]
+    broken = features.assign(avg_amount_30d=np.where(np.arange(200) < 20, np.inf, 1.0))
+    scored = StageChain(spec, ["model"], home)(broken)
+    picked = in_canary(broken["customer_id"], 0.5)
+    assert 0 < picked[:20].sum() < 20  # both models meet a broken row
+    errors = scored["_error"].to_numpy()
+    assert list(errors[:20]) == ["model: avg_amount_30d: not a finite number"] * 20
+    assert pd.isna(errors[20:]).all()
+    assert list(scored["score_version"][20:]) == [2 if p else 1 for p in picked[20:]]
+
+
 # --------------------------------------------------------------------------- run time
 
 
