@@ -12,8 +12,9 @@ cached ones, the whole batch is read again from that one.
 from __future__ import annotations
 
 import time
-from typing import cast
+from typing import Any, cast
 
+import numpy as np
 import pandas as pd
 
 from stageline.caching import CacheCounts, Clock, TTLCache
@@ -21,6 +22,13 @@ from stageline.features.online import FeatureRows, OnlineStore
 from stageline.spec import LookupCacheSpec
 
 _Row = tuple[object, ...]
+
+
+def _column(values: list[object], dtype: Any, index: pd.Index) -> pd.Series:
+    # A typed array first, then a Series of exactly that dtype (pandas would infer str
+    # for an object array of text, where the store gives object).
+    array = np.array(values, dtype=dtype) if isinstance(dtype, np.dtype) else values
+    return pd.Series(array, index=index, dtype=dtype, copy=False)
 
 
 class CachedOnlineStore:
@@ -80,10 +88,14 @@ class CachedOnlineStore:
     def _rows(
         self, view: str, keys: pd.Series, rows: list[_Row], snapshot: str | None
     ) -> FeatureRows:
-        dtypes = self._dtypes[view]
-        values = pd.DataFrame.from_records(rows, columns=list(dtypes.index), nrows=len(rows))
-        values = values.astype(dtypes.to_dict())
-        values.index = keys.index
+        # Column by column from the rows, typed as the store types them: a few
+        # microseconds a column, where a frame of records cast afterwards costs a
+        # millisecond (as much as a Redis round trip).
+        columns = {
+            name: _column([row[j] for row in rows], dtype, keys.index)
+            for j, (name, dtype) in enumerate(self._dtypes[view].items())
+        }
+        values = pd.DataFrame(columns, copy=False)
         return FeatureRows(values, snapshot, self._materialized.get(snapshot))
 
     def lookup(self, view: str, keys: pd.Series) -> pd.DataFrame:
