@@ -5,7 +5,9 @@
 into one frame (:class:`~stageline.batching.Merger`), a deadline on each, failures as
 the errors below. Where the stages run is a :class:`Runner`'s business: in this
 process (:class:`ChainRunner`), or in stage deployments behind handles (the Serve
-adapter's). No HTTP, no Ray: a web framework wraps it, and a test calls it directly.
+adapter's). With ``serve.response_cache``, a record answered before is answered again
+from a :class:`ResponseCache`, as long as neither the model nor a feature snapshot
+changed since. No HTTP, no Ray: a web framework wraps it, and a test calls it directly.
 """
 
 from __future__ import annotations
