@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -78,10 +79,13 @@ class OnlineStore(Protocol):
 
 class Watcher:
     """Calls ``check`` every ``interval_s`` in a daemon thread, until stopped: how a
-    replica notices a new snapshot without a request having to wait for the check."""
+    replica notices a new snapshot without a request having to wait for the check.
+
+    It holds its store weakly: a store dropped without ``close`` (a pipeline built for
+    one call) ends its thread instead of staying loaded for good."""
 
     def __init__(self, check: Callable[[], None], interval_s: float, name: str) -> None:
-        self.check = check
+        self._check = weakref.WeakMethod(check)
         self.interval_s = interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -89,10 +93,14 @@ class Watcher:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
+            check = self._check()
+            if check is None:  # the store is gone
+                return
             try:
-                self.check()
+                check()
             except Exception:  # the snapshot being served stays; the next check retries
                 log.exception("checking the online store for a new snapshot failed")
+            del check
 
     def stop(self) -> None:
         self._stop.set()

@@ -1,5 +1,6 @@
 """A running server serves what ``stageline materialize`` writes, without a restart, and
-exports each view's snapshot age on Ray's Prometheus endpoint."""
+exports each view's snapshot age on Ray's Prometheus endpoint; the response cache
+answers a record again until that new snapshot, and counts its hits there."""
 
 from __future__ import annotations
 
@@ -30,12 +31,13 @@ def fresh(
     serve_base: str, demo_home: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, Path, PipelineSpec]]:
     """The demo pipeline on a home of its own (it is materialized again here), checking
-    its snapshot every half second."""
+    its snapshot every half second, with the response cache on."""
     folder = tmp_path_factory.mktemp("fresh")
     home = folder / "home"
     shutil.copytree(demo_home, home, ignore=shutil.ignore_patterns("logs", "reports"))
     data = yaml.safe_load(FRAUD_SPEC.read_text())
     data["features"]["online"] = {"kind": "memory", "refresh_s": 0.5}
+    data.setdefault("serve", {})["response_cache"] = {}
     path = folder / "fraud-fresh.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     spec = load_spec(path)
@@ -57,6 +59,7 @@ def test_a_running_server_serves_a_new_materialized_snapshot(
 ) -> None:
     url, home, spec = fresh
     before = score(url)
+    assert score(url) == before  # the response cache's answer: the same
 
     # The customer's newest values change (a much higher 30-day average), then
     # `stageline materialize` runs, as a schedule would.
@@ -76,11 +79,17 @@ def test_a_running_server_serves_a_new_materialized_snapshot(
         time.sleep(0.5)
     assert after != before
 
-    # Ray pushes metrics every few seconds: wait for the age gauge.
+    # Ray pushes metrics every few seconds: wait for the age gauge and the cache's hits.
     app = {"application": APP}
     deadline = time.monotonic() + 90
-    while not (ages := series(scrape(), "ray_stageline_feature_age_s", view=VIEW, **app)):
-        assert time.monotonic() < deadline, "no stageline_feature_age_s on the metrics endpoint"
+    while True:
+        text = scrape()
+        ages = series(text, "ray_stageline_feature_age_s", view=VIEW, **app)
+        hits = series(text, "ray_stageline_response_cache_lookups_total", result="hit", **app)
+        if ages and hits:
+            break
+        assert time.monotonic() < deadline, f"metrics missing: age {ages}, cache hits {hits}"
         score(url)
         time.sleep(2)
     assert all(0 <= age < 3600 for age in ages), ages
+    assert sum(hits) >= 1

@@ -107,6 +107,17 @@ def test_the_refresh_thread_picks_a_new_snapshot_up_within_its_interval(tmp_path
         serving.close()
 
 
+def test_a_store_dropped_without_close_ends_its_refresh_thread(tmp_path: Path) -> None:
+    store(tmp_path).write(VIEW, latest(1.0))
+    serving = store(tmp_path, refresh_s=0.01)
+    serving.lookup(VIEW, keys("u1"))
+    watcher = serving._watcher
+    assert watcher is not None
+    del serving
+    watcher._thread.join(timeout=30)
+    assert not watcher._thread.is_alive()
+
+
 def test_a_view_served_from_the_offline_table_switches_to_its_first_snapshot(
     tmp_path: Path,
 ) -> None:
@@ -136,11 +147,12 @@ def test_no_batch_mixes_two_snapshots_while_they_are_swapped(tmp_path: Path) -> 
             seen.update(spends)
             if len(set(spends)) != 1:
                 mixed.append(spends)
+            time.sleep(0.0005)  # let the writer and the refresh thread have the GIL too
 
     reader = threading.Thread(target=look)
     reader.start()
     try:
-        for i in range(40):
+        for i in range(16):
             materialize.write(VIEW, latest(1.0 + i % 2))
             time.sleep(0.005)
     finally:
