@@ -13,7 +13,7 @@ import gc
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from stageline.batching import Merger
 from stageline.pipeline import StageChain
 from stageline.service import UserConfig, off_loop
 from stageline.spec import PipelineSpec
-from stageline.stage import StageStatus, error_mask, rejections
+from stageline.stage import Reading, StageStatus, error_mask, rejections
 from stageline.utilization import BusyMeter
 
 log = logging.getLogger("ray.serve")
@@ -71,6 +71,19 @@ class _Metrics:
             description="Model version a model stage serves.",
             tag_keys=("segment", "stage", "model"),  # type: ignore[arg-type]
         )
+        # What the stages report (stageline.stage.Reading), by reading name.
+        self.feature_age_s = metrics.Gauge(
+            "stageline_feature_age_s",
+            description="Age of the online feature snapshot a feature view was last read "
+            "from: seconds since `stageline materialize` wrote it.",
+            tag_keys=("view",),
+        )
+        self.feature_cache_lookups = metrics.Counter(
+            "stageline_feature_cache_lookups",
+            description="Entity keys looked up in the feature-lookup cache, by result "
+            "(hit: served from the cache; miss: read from the online store).",
+            tag_keys=("view", "result"),  # type: ignore[arg-type]
+        )
 
 
 @functools.cache
@@ -92,6 +105,7 @@ class MeteredChain:
         self.metrics = _metrics()
         self.batch_sizes: deque[int] = deque(maxlen=1000)
         self._models: list[tuple[float, dict[str, str]]] = []
+        self._totals: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
         self._report_models()
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -109,7 +123,22 @@ class MeteredChain:
         if bad.any():
             for stage, count in rejections(out, bad).items():
                 m.marked.inc(count, tags={"segment": self.segment, "stage": stage})
+        self._export(self.chain.readings())
         return out
+
+    def _export(self, readings: list[Reading]) -> None:
+        """The stages' readings: a gauge set, a counter increased by what its total
+        grew since the last batch."""
+        for r in readings:
+            tags = dict(r.tags)
+            if r.name == "feature_age_s":
+                self.metrics.feature_age_s.set(r.value, tags=tags)
+            elif r.name == "feature_cache_lookups":
+                key = (r.name, tuple(sorted(tags.items())))
+                grown = r.value - self._totals.get(key, 0.0)
+                self._totals[key] = r.value
+                if grown > 0:
+                    self.metrics.feature_cache_lookups.inc(grown, tags=tags)
 
     def reconfigure(self, config: Mapping[str, Mapping[str, Any]]) -> None:
         self.chain.reconfigure(config)
@@ -127,6 +156,9 @@ class MeteredChain:
 
     def status(self) -> dict[str, StageStatus]:
         return self.chain.status()
+
+    def data_version(self) -> Hashable:
+        return self.chain.data_version()
 
 
 @serve.deployment

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import math
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, cast
@@ -195,10 +195,32 @@ class HandleRunner:
                 out.update(step.statuses())
         return out
 
+    def data_version(self) -> Hashable | None:
+        """None: stages in other replicas change without this one knowing."""
+        return None
+
     def reconfigure(self, config: Mapping[str, Mapping[str, Any]]) -> None:
         for step in self.steps:
             if isinstance(step, LocalRun):
                 step.reconfigure(config)
+
+
+def _response_cache_counter() -> Callable[[int, int], None]:
+    """Counts each request's records answered from the response cache, or not."""
+    counter = metrics.Counter(
+        "stageline_response_cache_lookups",
+        description="Records looked up in the response cache, by result (hit: answered "
+        "from the cache; miss: scored by the stages).",
+        tag_keys=("result",),
+    )
+
+    def count(hits: int, misses: int) -> None:
+        if hits:
+            counter.inc(hits, tags={"result": "hit"})
+        if misses:
+            counter.inc(misses, tags={"result": "miss"})
+
+    return count
 
 
 def replica_died(error: BaseException) -> bool:
@@ -238,7 +260,7 @@ class Ingress:
                 prepare=drift_gauges(spec, home),
             )
         runner = placement_runner(spec, home, handles, self.prediction_log)
-        self.service = ScoringService(spec, runner)
+        self.service = ScoringService(spec, runner, on_cache_lookup=_response_cache_counter())
         self.api_key = api_key
         self.api_key.load()
         self.app_status = ServeAppStatus()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
@@ -20,12 +21,24 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def atomic_write_parquet(path: Path, frame: pd.DataFrame) -> Path:
-    """``frame.to_parquet(path)``, published atomically."""
+def atomic_write_parquet(
+    path: Path, frame: pd.DataFrame, metadata: Mapping[str, str] | None = None
+) -> Path:
+    """``frame.to_parquet(path)``, published atomically; ``metadata`` goes into the
+    file's key-value metadata, beside pandas' own."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        frame.to_parquet(tmp, index=False)
+        if metadata:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            extra = {k.encode(): v.encode() for k, v in metadata.items()}
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}), **extra})
+            pq.write_table(table, tmp)
+        else:
+            frame.to_parquet(tmp, index=False)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

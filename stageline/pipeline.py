@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,17 @@ from stageline.context import StageContext, resolve_home, stage_factory
 from stageline.features import StoreUnavailableError
 from stageline.outputs import OutputContract, check_outputs_provided, predictions, records
 from stageline.spec import PipelineSpec, StageSpec, load_spec
-from stageline.stage import Reloadable, Reporting, Stage, StageError, StageStatus, check_rows
+from stageline.stage import (
+    DataVersioned,
+    Measured,
+    Reading,
+    Reloadable,
+    Reporting,
+    Stage,
+    StageError,
+    StageStatus,
+    check_rows,
+)
 from stageline.stages.validate import ValidateRequest
 
 
@@ -81,6 +91,15 @@ class StageChain:
             params = config.get(name)
             if params is not None and isinstance(stage, Reloadable):
                 stage.reconfigure(params)
+
+    def data_version(self) -> tuple[Hashable, ...]:
+        """What the :class:`~stageline.stage.DataVersioned` stages serve from now (the
+        feature snapshots): it changes when that data does."""
+        return tuple(s.data_version() for _, s in self.stages if isinstance(s, DataVersioned))
+
+    def readings(self) -> list[Reading]:
+        """The figures of every :class:`~stageline.stage.Measured` stage."""
+        return [r for _, s in self.stages if isinstance(s, Measured) for r in s.readings()]
 
     def status(self) -> dict[str, StageStatus]:
         """Per stage: its class and, for :class:`~stageline.stage.Reporting` stages,

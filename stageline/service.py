@@ -5,7 +5,9 @@
 into one frame (:class:`~stageline.batching.Merger`), a deadline on each, failures as
 the errors below. Where the stages run is a :class:`Runner`'s business: in this
 process (:class:`ChainRunner`), or in stage deployments behind handles (the Serve
-adapter's). No HTTP, no Ray: a web framework wraps it, and a test calls it directly.
+adapter's). With ``serve.response_cache``, a record answered before is answered again
+from a :class:`ResponseCache`, as long as neither the model nor a feature snapshot
+changed since. No HTTP, no Ray: a web framework wraps it, and a test calls it directly.
 """
 
 from __future__ import annotations
@@ -14,17 +16,18 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol, TypeVar
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any, Protocol, TypeVar, cast
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
 from stageline.batching import BatchOverrides, Merger
+from stageline.caching import CacheCounts, Clock, TTLCache
 from stageline.features import StoreUnavailableError
-from stageline.outputs import OutputContract, Record
+from stageline.outputs import ERROR, OutputContract, Record
 from stageline.predlog import RECEIVED_AT, REQUEST_ID, PredictionLog, sampled
-from stageline.spec import PipelineSpec
+from stageline.spec import PipelineSpec, ResponseCacheSpec
 from stageline.stage import StageStatus
 
 T = TypeVar("T")
@@ -91,6 +94,11 @@ class Runner(Protocol):
 
     def reconfigure(self, config: Mapping[str, Mapping[str, Any]]) -> None: ...
 
+    def data_version(self) -> Hashable | None:
+        """What changes when data the stages serve from changes (a feature snapshot),
+        known without I/O; None when the runner cannot tell (stages in other processes)."""
+        ...
+
 
 async def off_loop(run: Callable[..., T], *args: Any, timeout_s: float | None = None) -> T:
     """``run(*args)`` (stages: plain blocking code) in a worker thread, given up after
@@ -147,6 +155,16 @@ class LocalRun:
             out.update(chain.status())
         return out
 
+    def data_version(self) -> Hashable | None:
+        """The chains' :meth:`StageChain.data_version`, or None if one cannot tell."""
+        versions = []
+        for chain in self.chains:
+            version = getattr(chain, "data_version", None)
+            if version is None:
+                return None
+            versions.append(version())
+        return tuple(versions)
+
 
 class LocalRuns:
     """Runs :class:`LocalRun` s one at a time, as stages need not be thread-safe (a run
@@ -194,6 +212,9 @@ class ChainRunner:
     def reconfigure(self, config: Mapping[str, Mapping[str, Any]]) -> None:
         self.step.reconfigure(config)
 
+    def data_version(self) -> Hashable | None:
+        return self.step.data_version()
+
 
 class LoggedContract(OutputContract):
     """The output contract of a service that logs its predictions: each finished frame
@@ -218,15 +239,101 @@ class LoggedContract(OutputContract):
         return super().records(scored)
 
 
+class ResponseCache:
+    """Answers by validated record (``serve.response_cache``), under the version of
+    what produced them: the service's model generation (one more at each reconfigure)
+    and the runner's :meth:`~Runner.data_version` (the feature snapshots). An answer
+    is served again only while both are what they were when it was computed."""
+
+    def __init__(
+        self,
+        spec: ResponseCacheSpec,
+        runner: Runner,
+        clock: Clock = time.monotonic,
+        on_lookup: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.cache: TTLCache[tuple[Hashable, Hashable], Record] = TTLCache(
+            spec.max_entries, spec.ttl_s, clock
+        )
+        self.runner = runner
+        self.generation = 0
+        self.on_lookup = on_lookup
+
+    @property
+    def counts(self) -> CacheCounts:
+        return self.cache.counts
+
+    def version(self) -> Hashable:
+        return (self.generation, self.runner.data_version())
+
+    def get(self, version: Hashable, rows: list[Record]) -> list[Record | None]:
+        """Each row's cached answer (a copy), or None."""
+        keys = [_record_key(row) for row in rows]
+        before = self.counts.hits
+        got = self.cache.get_many((version, k) for k in keys)
+        out = [None if g is None or k is None else dict(g) for g, k in zip(got, keys, strict=True)]
+        if self.on_lookup is not None:
+            hits = self.counts.hits - before
+            self.on_lookup(hits, len(rows) - hits)
+        return out
+
+    def put(self, version: Hashable, rows: list[Record], answers: list[Record]) -> None:
+        """Keep each answer computed at ``version``, unless the model or a snapshot
+        changed during the run, or the row was rejected (a rejection may be passing: a
+        stale snapshot, a dependency)."""
+        if version != self.version():
+            return
+        items = []
+        for row, answer in zip(rows, answers, strict=True):
+            key = _record_key(row)
+            if key is not None and answer.get(ERROR) is None:
+                items.append(((version, key), dict(answer)))
+        self.cache.put_many(items)
+
+    def invalidate(self) -> None:
+        """A new model: every answer goes, and none computed before is kept."""
+        self.generation += 1
+        self.cache.clear()
+
+
+def _record_key(row: Record) -> Hashable | None:
+    """A validated record as a hashable key; None if a value is not hashable."""
+    key = tuple(sorted(row.items()))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
 class ScoringService:
     """Scores validated records with ``runner``, within ``spec``'s deadline.
 
     Concurrent calls share one frame through every stage when ``spec.serve.ingress``
-    has batching: a stage is called once per batch, not once per call."""
+    has batching: a stage is called once per batch, not once per call. With
+    ``serve.response_cache``, a record answered before is answered again from the
+    :class:`ResponseCache`; ``on_cache_lookup(hits, misses)`` counts each call's."""
 
-    def __init__(self, spec: PipelineSpec, runner: Runner) -> None:
+    def __init__(
+        self,
+        spec: PipelineSpec,
+        runner: Runner,
+        *,
+        on_cache_lookup: Callable[[int, int], None] | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
         self.spec = spec
         self.runner = runner
+        self.cache: ResponseCache | None = None
+        cache_spec = spec.serve.response_cache
+        if cache_spec is not None:
+            if runner.data_version() is None:
+                log.warning(
+                    "serve.response_cache is off: it needs every stage in the ingress (the "
+                    "local placement, every stage inline) to see the model or features change"
+                )
+            else:
+                self.cache = ResponseCache(cache_spec, runner, clock, on_cache_lookup)
         self.contract = OutputContract(spec)
         self.timeout_s = spec.serve.request_timeout_s
         batching = spec.serve.ingress.batch
@@ -246,6 +353,20 @@ class ScoringService:
         log on, each row carries ``request_id`` and its arrival time through the stages.
 
         Raises :class:`DeadlineExceededError` or :class:`UnavailableError`."""
+        if self.cache is None:
+            return await self._score(rows, request_id)
+        version = self.cache.version()
+        answers = self.cache.get(version, rows)
+        todo = [i for i, answer in enumerate(answers) if answer is None]
+        if todo:
+            wanted = [rows[i] for i in todo]
+            scored = await self._score(wanted, request_id)
+            self.cache.put(version, wanted, scored)
+            for i, answer in zip(todo, scored, strict=True):
+                answers[i] = answer
+        return cast(list[Record], answers)
+
+    async def _score(self, rows: list[Record], request_id: str | None) -> list[Record]:
         if self.spec.prediction_log.enabled:
             now = time.time()
             rows = [{**row, REQUEST_ID: request_id, RECEIVED_AT: now} for row in rows]
@@ -285,7 +406,12 @@ class ScoringService:
         ]
 
     def reconfigure(self, config: UserConfig) -> None:
-        """A ``user_config`` change: stages reload, batching changes."""
+        """A ``user_config`` change: stages reload, batching changes, cached answers go
+        (also those of requests still running: the model may be another when they end)."""
         if self.merger is not None:
             self.merger.configure(config.batch)
+        if self.cache is not None:
+            self.cache.invalidate()
         self.runner.reconfigure(config.stages)
+        if self.cache is not None:
+            self.cache.invalidate()

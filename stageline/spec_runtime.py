@@ -148,6 +148,15 @@ class GraphSpec(SpecModel):
     is named ``first+last``. Default: none, every stage a deployment of its own."""
 
 
+class ResponseCacheSpec(SpecModel):
+    """A per-replica cache of answers, keyed by the validated record."""
+
+    max_entries: int = Field(default=10_000, ge=1)
+    """Most answers held; the least recently used go first."""
+    ttl_s: float = Field(default=60.0, gt=0)
+    """How long an answer is served again."""
+
+
 class ServeAppSpec(SpecModel):
     """Options of the online application as a whole."""
 
@@ -184,6 +193,16 @@ class ServeAppSpec(SpecModel):
     bench.hop`` measures both), but a replica killed under a call leaves it hanging
     until the request's deadline (a 504), and every replica's gRPC port must be
     reachable from the ingress's node."""
+    response_cache: ResponseCacheSpec | None = None
+    """Answer a record seen before with its earlier answer, within ``ttl_s``, without
+    running the stages (``response_cache: {}`` for the defaults). Off by default: a
+    record usually carries its own id and time, so it rarely repeats, and a cached
+    answer is not written to the prediction log again. Every answer is dropped when the
+    model changes (a ``user_config`` reload, an alias move) or a feature view gets a
+    new snapshot, so it never answers with a replaced model or features. It needs the
+    model and feature stages in the ingress (the ``local`` placement, every stage
+    inline): elsewhere the ingress cannot see them change, and the cache stays off
+    (with a warning)."""
     access_log: bool = False
     """Ray Serve's access log line per request and stage. Off by default: a line is
     written for every request at every stage, so under load logging can cost more CPU

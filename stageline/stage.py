@@ -13,7 +13,8 @@ a stage only writes its vectorized ``process``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
@@ -104,6 +105,34 @@ class Reporting(Protocol):
     """A stage that reports its status (a model stage: the model it serves)."""
 
     def status(self) -> StageStatus: ...
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One figure a stage reports for the metrics: the Serve adapter exports it as
+    ``stageline_<name>`` after each batch (the core imports no metrics library)."""
+
+    name: str
+    """``feature_age_s`` or ``feature_cache_lookups`` (the adapter knows each)."""
+    value: float
+    """A gauge's value, or a counter's total so far (the adapter exports increases)."""
+    tags: Mapping[str, str]
+
+
+@runtime_checkable
+class Measured(Protocol):
+    """A stage with figures for the metrics (a feature lookup: its snapshot's age)."""
+
+    def readings(self) -> list[Reading]: ...
+
+
+@runtime_checkable
+class DataVersioned(Protocol):
+    """A stage whose answers depend on data that may change under it while it serves
+    (a feature lookup: the snapshot it reads). ``data_version`` changes when the data
+    does; a response cache drops its answers then. No I/O: it is asked per request."""
+
+    def data_version(self) -> Hashable: ...
 
 
 def check_columns(stage: str, batch: pd.DataFrame, required: Iterable[str]) -> None:

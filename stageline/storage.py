@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import re
 import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -231,14 +232,20 @@ def read_parquet(location: str | Path) -> pd.DataFrame | None:
         raise storage_problem(uri, exc) from exc
 
 
-def write_parquet(location: str | Path, frame: pd.DataFrame) -> str | Path:
+def write_parquet(
+    location: str | Path, frame: pd.DataFrame, metadata: Mapping[str, str] | None = None
+) -> str | Path:
     """``frame`` as one parquet file at ``location``, published whole: a local file is
-    renamed into place, an object appears only once its upload completes."""
+    renamed into place, an object appears only once its upload completes. ``metadata``
+    goes into the file's key-value metadata, beside pandas' own."""
     if not is_remote(location):
-        return atomic_write_parquet(Path(location), frame)
+        return atomic_write_parquet(Path(location), frame, metadata)
     uri = os.fspath(location)
     fs, path_in = open_location(uri)
     table = pa.Table.from_pandas(frame, preserve_index=False)
+    if metadata:
+        extra = {k.encode(): v.encode() for k, v in metadata.items()}
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **extra})
     try:
         with fs.open_output_stream(path_in) as out:
             pq.write_table(table, out)

@@ -6,8 +6,9 @@ this also works on Redis Cluster)::
     {prefix:view}:current          -> the snapshot id being served
     {prefix:view}:<snapshot>:<key> -> JSON object of the view's features, by name
 
-``write`` (``stageline materialize``) fills a new snapshot, then flips
-``current`` and removes the old one. A lookup is one Lua call that reads
+``write`` (``stageline materialize``) fills a new snapshot (its id starts with the
+Unix second it was made at: the snapshot's age), then flips ``current`` and removes
+the old one. A lookup is one Lua call that reads
 ``current`` and every key of the batch: one round trip, and a batch never
 mixes two snapshots. Values are stored by name, so reordering a view's features
 in the spec changes nothing and a feature added later gets its default. Python's
@@ -18,6 +19,7 @@ in-memory store.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import uuid
@@ -28,8 +30,10 @@ import numpy as np
 import pandas as pd
 
 from stageline.features.offline import FeatureStoreError, OfflineStore, with_defaults
-from stageline.features.online import StoreUnavailableError
+from stageline.features.online import FeatureRows, StoreUnavailableError, Watcher
 from stageline.spec import RedisStoreSpec
+
+log = logging.getLogger(__name__)
 
 _LOOKUP = """
 local snapshot = redis.call('GET', KEYS[1])
@@ -52,7 +56,7 @@ _WRITE_CHUNK = 5_000
 class RedisOnlineStore:
     """Latest feature values per entity in Redis; one connection pool per instance."""
 
-    def __init__(self, spec: RedisStoreSpec, offline: OfflineStore) -> None:
+    def __init__(self, spec: RedisStoreSpec, offline: OfflineStore, watch: bool = False) -> None:
         try:
             import redis
         except ImportError:  # pragma: no cover - the extra is part of the dev install
@@ -77,6 +81,11 @@ class RedisOnlineStore:
             health_check_interval=30,
         )
         self._lookup = self.client.register_script(_LOOKUP)
+        self._current: dict[str, str] = {}  # per view read: the snapshot last seen current
+        # With a cache in front: ask Redis every refresh_s which snapshot is current,
+        # so a cache that answers without a lookup drops a replaced snapshot's values.
+        self._watch = watch and spec.refresh_s > 0
+        self._watcher: Watcher | None = None
 
     def _base(self, view: str) -> str:
         return f"{{{self.spec.prefix}:{view}}}:"
@@ -87,6 +96,26 @@ class RedisOnlineStore:
         return f"redis at {host}"
 
     def lookup(self, view: str, keys: pd.Series) -> pd.DataFrame:
+        return self.read(view, keys).values
+
+    def current(self, view: str) -> str | None:
+        return self._current.get(view)
+
+    def check(self) -> None:
+        """Which snapshot is current, for each view read so far (one round trip)."""
+        views = list(self._current)
+        if not views:
+            return
+        try:
+            ids = self.client.mget([self._base(v) + "current" for v in views])
+        except (*self._errors, self._auth_error) as e:  # type: ignore[misc]
+            log.warning("%s did not answer which snapshot is current: %s", self._where(), e)
+            return
+        for view, snapshot in zip(views, ids, strict=True):
+            if snapshot is not None:
+                self._current[view] = _text(snapshot)
+
+    def read(self, view: str, keys: pd.Series) -> FeatureRows:
         spec = self.offline.view(view)
         names = list(spec.features)
         wanted = keys.astype(str).tolist()
@@ -102,13 +131,17 @@ class RedisOnlineStore:
                 f"feature view {view!r} was never materialized to {self._where()}: "
                 "run `stageline materialize`"
             )
+        snapshot = _text(reply[0])
+        self._current[view] = snapshot
+        if self._watch and self._watcher is None:
+            self._watcher = Watcher(self.check, self.spec.refresh_s, "redis-snapshot-check")
         raw = reply[1] if len(reply) > 1 else []
         found = np.array([v is not None for v in raw], dtype=bool)
         rows = [json.loads(v) if v is not None else {} for v in raw]
         values = pd.DataFrame.from_records(rows, columns=names, nrows=len(rows))
         out = with_defaults(values, view, spec, found)
         out.index = keys.index
-        return out
+        return FeatureRows(out, snapshot, _materialized_at(snapshot))
 
     def write(self, view: str, latest: pd.DataFrame) -> int:
         spec = self.offline.view(view)
@@ -126,7 +159,7 @@ class RedisOnlineStore:
                 pipe.execute()
             self.client.set(base + "current", snapshot)  # the flip: readers switch at once
             if previous is not None:
-                self._drop(base, previous.decode() if isinstance(previous, bytes) else previous)
+                self._drop(base, _text(previous))
         except self._auth_error as e:
             raise self._refused(e) from None
         except self._errors as e:
@@ -151,7 +184,20 @@ class RedisOnlineStore:
             self.client.unlink(*batch)
 
     def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
         self.client.close()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _materialized_at(snapshot: str) -> float | None:
+    """A snapshot id starts with the Unix second ``write`` made it at."""
+    head = snapshot.split("-", 1)[0]
+    return float(head) if head.isdigit() else None
 
 
 def _plain(value: Any) -> Any:

@@ -72,6 +72,18 @@ def test_model_smoke(tmp_path: Path, bench_home: Path) -> None:
     assert all(r["identical"] for r in rows), rows
 
 
+def test_cache_smoke(tmp_path: Path, bench_home: Path) -> None:
+    record = smoke("cache", tmp_path, bench_home, timeout=300)
+    rows = {(r["kind"], r["store"], r["batch"]): r for r in record["rows"]}
+    stores = {"memory", "memory + cache", "redis", "redis + cache"}
+    assert {s for k, s, _ in rows if k == "lookup"} == stores
+    assert {s for k, s, _ in rows if k == "response"} == {"no cache", "response cache"}
+    assert all(r["calls_per_s"] > 0 for r in rows.values())
+    # Under Zipf traffic the caches do hit: the figures are of a working cache.
+    assert rows[("lookup", "redis + cache", 1)]["hit_rate"] > 0.2
+    assert rows[("response", "response cache", 1)]["hit_rate"] > 0.2
+
+
 def test_hop_smoke(tmp_path: Path, bench_home: Path) -> None:
     record = smoke("hop", tmp_path, bench_home, timeout=180)
     rows = {r["kind"]: r for r in record["rows"]}

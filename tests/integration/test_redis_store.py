@@ -14,10 +14,12 @@ import redis
 from stageline import Pipeline
 from stageline.features import (
     FeatureStoreError,
+    OfflineStore,
     StoreUnavailableError,
     materialize,
     open_online_store,
 )
+from stageline.features.cache import CachedOnlineStore
 from stageline.spec import PipelineSpec
 from tests.conftest import RedisServer, redis_spec
 
@@ -192,3 +194,64 @@ def test_values_are_read_by_name_whatever_the_spec_order(
     after = open_online_store(PipelineSpec.model_validate(data), demo_home).lookup(VIEW, keys)
     pd.testing.assert_frame_equal(after[before.columns], before)
     assert after["chargebacks_90d"].tolist() == [0, 0, 0]
+
+
+def cached_spec(rspec: PipelineSpec, **online: object) -> PipelineSpec:
+    data = rspec.model_dump(mode="json")
+    data["features"]["cache"] = {"max_entries": 1000, "ttl_s": 3600}
+    data["features"]["online"].update(online)
+    spec = PipelineSpec.model_validate(data)
+    spec._base_dir = rspec.base_dir
+    return spec
+
+
+def test_the_lookup_cache_serves_repeated_keys_without_redis_and_a_new_snapshot_at_once(
+    rspec: PipelineSpec, demo_home: Path, redis_server: RedisServer
+) -> None:
+    """Hits served as Redis would; a materialize seen by the next lookup that misses (no
+    mixed batch), and by one that only hits after the store's check."""
+    spec = cached_spec(rspec, refresh_s=0)  # no background check: this test checks by hand
+    store = open_online_store(spec, demo_home)
+    assert isinstance(store, CachedOnlineStore)
+    keys = pd.Series(["c000001", "c000002", "nobody", "c000001"], index=[4, 3, 2, 1])
+    expected = open_online_store(rspec, demo_home).lookup(VIEW, keys)
+
+    pd.testing.assert_frame_equal(store.lookup(VIEW, keys), expected)
+    redis_server.stop()  # every key cached: Redis is not asked
+    try:
+        pd.testing.assert_frame_equal(store.lookup(VIEW, keys), expected)
+    finally:
+        redis_server.start()
+    assert (store.counts.hits, store.counts.misses) == (4, 4)
+
+    # A new snapshot with other values, seen by a batch with one new key: the whole
+    # batch is read again from it, not cached values of the old one beside a new one.
+    latest = OfflineStore(demo_home, spec.features.views, spec.base_dir).latest(VIEW)
+    materialize_with(rspec, latest.assign(avg_amount_30d=12345.0))
+    mixed = store.lookup(VIEW, pd.Series(["c000001", "c000003"]))
+    assert mixed["avg_amount_30d"].tolist() == [12345.0, 12345.0]
+
+    # Only cached keys: served until the store checks which snapshot is current.
+    materialize_with(rspec, latest.assign(avg_amount_30d=777.0))
+    assert store.lookup(VIEW, pd.Series(["c000001"]))["avg_amount_30d"].tolist() == [12345.0]
+    store.store.check()  # type: ignore[attr-defined]  # what the background check does
+    assert store.lookup(VIEW, pd.Series(["c000001"]))["avg_amount_30d"].tolist() == [777.0]
+    store.close()
+
+
+def materialize_with(spec: PipelineSpec, latest: pd.DataFrame) -> None:
+    writer = open_online_store(spec, Path("."))
+    try:
+        writer.write(VIEW, latest)
+    finally:
+        writer.close()
+
+
+def test_the_age_of_a_redis_snapshot_is_when_it_was_materialized(
+    rspec: PipelineSpec, demo_home: Path
+) -> None:
+    before = time.time()
+    materialize(rspec, demo_home)
+    rows = open_online_store(rspec, demo_home).read(VIEW, pd.Series(["c000001"]))
+    assert rows.materialized_at is not None
+    assert int(before) <= rows.materialized_at <= time.time()

@@ -13,6 +13,7 @@ import xgboost
 
 from stageline import Pipeline
 from stageline.features import FeatureStoreError, OfflineStore, materialize, open_online_store
+from stageline.features.online import MemoryOnlineStore
 from stageline.registry import (
     ModelIntegrityError,
     ModelNotFoundError,
@@ -172,9 +173,26 @@ def test_the_offline_store_and_the_online_snapshot_on_s3(
 
     assert materialize(SPEC, home) == {VIEW: 2}
     assert _fs().get_file_info(f"{s3_bucket[5:]}/online/{VIEW}.parquet").size > 0
-    looked_up = open_online_store(SPEC, home).lookup(VIEW, pd.Series(["a", "zed"]))
+    store = open_online_store(SPEC, home)
+    looked_up = store.lookup(VIEW, pd.Series(["a", "zed"]))
     assert looked_up["spend"].tolist() == [30.0, -1.0]
     assert looked_up[f"{VIEW}_found"].tolist() == [True, False]
+
+    # A snapshot materialized again into the bucket is what the running store serves
+    # after its next check, stamped with its own time (the views' age).
+    assert isinstance(store, MemoryOnlineStore)
+    before = store.read(VIEW, pd.Series(["a"]))
+    assert before.materialized_at is not None
+    newer = HISTORY.assign(spend=HISTORY["spend"] * 2)
+    writer = MemoryOnlineStore(OfflineStore.for_spec(SPEC, home), f"{s3_bucket}/online")
+    writer.write(VIEW, newer.sort_values("event_time").groupby("user").tail(1),
+                 materialized_at=before.materialized_at + 60)  # fmt: skip
+    store.check()
+    after = store.read(VIEW, pd.Series(["a"]))
+    assert after.values["spend"].tolist() == [60.0]
+    assert after.snapshot != before.snapshot
+    assert after.materialized_at == before.materialized_at + 60
+    store.close()
     assert not home.exists()
 
 
