@@ -538,35 +538,40 @@ def compare(found: Labelled) -> list[Comparison]:
     out = []
     shadow = found.shadow
     for (champion, challenger), part in shadow.groupby(["champion", "challenger"], sort=True):
-        y = part["label"].to_numpy(dtype="float64")
-        out.append(
-            Comparison(
-                found.model,
-                SHADOW,
-                int(cast(float, champion)),
-                int(cast(float, challenger)),
-                len(part),
-                len(part),
-                _metrics(y, part["champion_score"].to_numpy(dtype="float64"), found.binary),
-                _metrics(y, part["challenger_score"].to_numpy(dtype="float64"), found.binary),
-            )
-        )
+        pair = (champion, part, "champion_score"), (challenger, part, "challenger_score")
+        out.append(_comparison(found, SHADOW, *pair))
     canary = found.rows[found.rows["mode"] == CANARY]
     ours = canary[canary["role"] == CHAMPION].groupby("version", sort=True)
     theirs = canary[canary["role"] == CHALLENGER].groupby("version", sort=True)
     for champion, a in ours:
         for challenger, b in theirs:
-            ya, yb = a["label"].to_numpy(dtype="float64"), b["label"].to_numpy(dtype="float64")
             out.append(
-                Comparison(
-                    found.model,
-                    CANARY,
-                    int(cast(float, champion)),
-                    int(cast(float, challenger)),
-                    len(a),
-                    len(b),
-                    _metrics(ya, a["prediction"].to_numpy(dtype="float64"), found.binary),
-                    _metrics(yb, b["prediction"].to_numpy(dtype="float64"), found.binary),
+                _comparison(
+                    found, CANARY, (champion, a, "prediction"), (challenger, b, "prediction")
                 )
             )
     return out
+
+
+def _comparison(
+    found: Labelled,
+    mode: str,
+    champion: tuple[Any, pd.DataFrame, str],
+    challenger: tuple[Any, pd.DataFrame, str],
+) -> Comparison:
+    """The pair's metrics, each (version, its labelled rows, its score column)."""
+    (v1, a, score_a), (v2, b, score_b) = champion, challenger
+    return Comparison(
+        found.model,
+        mode,
+        int(cast(float, v1)),
+        int(cast(float, v2)),
+        len(a),
+        len(b),
+        _metrics(
+            a["label"].to_numpy(dtype="float64"), a[score_a].to_numpy(dtype="float64"), found.binary
+        ),
+        _metrics(
+            b["label"].to_numpy(dtype="float64"), b[score_b].to_numpy(dtype="float64"), found.binary
+        ),
+    )

@@ -41,7 +41,6 @@ from stageline.registry.integrity import (
     load_verified,
 )
 from stageline.registry.metadata import (
-    ALIAS_RE,
     DEFAULT_ALIAS,
     METADATA_FILE,
     NAME_RE,
@@ -53,6 +52,7 @@ from stageline.registry.metadata import (
     RegistryError,
     Task,
     check_name,
+    parse_aliases,
     parse_model_ref,
 )
 from stageline.registry.storage import fsync_dir, locked, version_numbers, write_durably
@@ -163,27 +163,10 @@ class LocalRegistry(ModelRegistry):
     def _read_aliases(self, model_dir: Path) -> dict[str, int]:
         path = model_dir / ALIASES_FILE
         try:
-            data = json.loads(path.read_bytes())
+            data = path.read_bytes()
         except FileNotFoundError:
             return {}
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ModelIntegrityError(
-                f"{path} is not valid JSON ({exc}); fix it by hand or delete it and set "
-                "the aliases again with set_alias()"
-            ) from exc
-        if not isinstance(data, dict) or not all(
-            isinstance(k, str)
-            and ALIAS_RE.fullmatch(k)
-            and isinstance(v, int)
-            and not isinstance(v, bool)
-            and v >= 1
-            for k, v in data.items()
-        ):
-            raise ModelIntegrityError(
-                f"{path} must map alias names to version numbers, like "
-                '{"champion": 1}; fix it by hand or delete it and set the aliases again'
-            )
-        return dict(sorted(data.items()))
+        return parse_aliases(data, str(path))
 
     def _update_aliases(
         self, name: str, change: Callable[[dict[str, int]], dict[str, int]]

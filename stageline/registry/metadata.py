@@ -273,3 +273,28 @@ def check_version(version: object, *, what: str) -> int:
 def listing(aliases: Mapping[str, int]) -> str:
     """``champion->1, challenger->2``, or ``none``: for error messages."""
     return ", ".join(f"{k}->{v}" for k, v in aliases.items()) or "none"
+
+
+def parse_aliases(data: bytes, where: str) -> dict[str, int]:
+    """A model's aliases file (``{"champion": 1}``) read from ``data``, sorted; what is
+    wrong with it, naming ``where``, as a :class:`ModelIntegrityError`."""
+    try:
+        aliases = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelIntegrityError(
+            f"{where} is not valid JSON ({exc}); fix it by hand, or delete it and set the "
+            "aliases again with set_alias()"
+        ) from exc
+    if not isinstance(aliases, dict) or not all(
+        isinstance(k, str)
+        and ALIAS_RE.fullmatch(k)
+        and isinstance(v, int)
+        and not isinstance(v, bool)
+        and v >= 1
+        for k, v in aliases.items()
+    ):
+        raise ModelIntegrityError(
+            f"{where} must map alias names to version numbers, like "
+            '{"champion": 1}; fix it by hand, or delete it and set the aliases again'
+        )
+    return dict(sorted(aliases.items()))

@@ -32,7 +32,6 @@ from stageline.registry.base import ModelRegistry
 from stageline.registry.integrity import check_stored_size, verified_booster
 from stageline.registry.local import ALIASES_FILE
 from stageline.registry.metadata import (
-    ALIAS_RE,
     METADATA_FILE,
     NAME_RE,
     VERSION_RE,
@@ -42,6 +41,7 @@ from stageline.registry.metadata import (
     ModelNotFoundError,
     RegistryError,
     check_name,
+    parse_aliases,
 )
 from stageline.storage import StorageError, check_bucket, join, open_location, storage_problem
 
@@ -84,26 +84,7 @@ class ObjectStoreRegistry(ModelRegistry):
         if data is None:
             self._known_versions(name)  # no aliases yet, or no such model: say which
             return {}
-        try:
-            aliases = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ModelIntegrityError(
-                f"{location} is not valid JSON ({exc}); fix it, or delete it and set the "
-                "aliases again with set_alias()"
-            ) from exc
-        if not isinstance(aliases, dict) or not all(
-            isinstance(k, str)
-            and ALIAS_RE.fullmatch(k)
-            and isinstance(v, int)
-            and not isinstance(v, bool)
-            and v >= 1
-            for k, v in aliases.items()
-        ):
-            raise ModelIntegrityError(
-                f"{location} must map alias names to version numbers, like "
-                '{"champion": 1}; fix it, or delete it and set the aliases again'
-            )
-        return dict(sorted(aliases.items()))
+        return parse_aliases(data, location)
 
     # -- what the base class needs -------------------------------------------
 
