@@ -32,8 +32,6 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-import pydantic
-
 from stageline.registry.base import ModelRegistry
 from stageline.registry.integrity import (
     DEFAULT_MAX_MODEL_BYTES,
@@ -53,6 +51,7 @@ from stageline.registry.metadata import (
     Task,
     check_name,
     parse_aliases,
+    parse_metadata,
     parse_model_ref,
 )
 from stageline.registry.storage import fsync_dir, locked, version_numbers, write_durably
@@ -142,23 +141,13 @@ class LocalRegistry(ModelRegistry):
                 f"pick one of those or see LocalRegistry.versions({name!r})"
             )
         try:
-            meta = ModelMetadata.model_validate_json(meta_path.read_bytes())
+            data = meta_path.read_bytes()
         except FileNotFoundError as exc:
             raise ModelIntegrityError(
                 f"{meta_path} is missing, so {name}@{version} cannot be verified; restore it "
                 f"or register the model again"
             ) from exc
-        except (pydantic.ValidationError, UnicodeDecodeError) as exc:
-            raise ModelIntegrityError(
-                f"{meta_path} is not valid metadata for {name}@{version}; restore it or "
-                f"register the model again:\n{exc}"
-            ) from exc
-        if meta.name != name or meta.version != version:
-            raise ModelIntegrityError(
-                f"{meta_path} describes {meta.name}@{meta.version}, not {name}@{version}; "
-                "it was copied or moved by hand - restore it or register the model again"
-            )
-        return meta
+        return parse_metadata(data, str(meta_path), name, version)
 
     def _read_aliases(self, model_dir: Path) -> dict[str, int]:
         path = model_dir / ALIASES_FILE

@@ -298,3 +298,21 @@ def parse_aliases(data: bytes, where: str) -> dict[str, int]:
             '{"champion": 1}; fix it by hand, or delete it and set the aliases again'
         )
     return dict(sorted(aliases.items()))
+
+
+def parse_metadata(data: bytes, where: str, name: str, version: int) -> ModelMetadata:
+    """``name@version``'s metadata read from ``data`` (the file at ``where``); what is
+    wrong with it as a :class:`ModelIntegrityError`."""
+    try:
+        meta = ModelMetadata.model_validate_json(data)
+    except (pydantic.ValidationError, UnicodeDecodeError) as exc:
+        raise ModelIntegrityError(
+            f"{where} is not valid metadata for {name}@{version}; restore it or "
+            f"register the model again:\n{exc}"
+        ) from exc
+    if meta.name != name or meta.version != version:
+        raise ModelIntegrityError(
+            f"{where} describes {meta.name}@{meta.version}, not {name}@{version}; "
+            "it was copied or moved by hand - restore it or register the model again"
+        )
+    return meta

@@ -26,7 +26,6 @@ import json
 from collections.abc import Callable
 
 import pyarrow.fs as pafs
-import pydantic
 
 from stageline.registry.base import ModelRegistry
 from stageline.registry.integrity import check_stored_size, verified_booster
@@ -42,6 +41,7 @@ from stageline.registry.metadata import (
     RegistryError,
     check_name,
     parse_aliases,
+    parse_metadata,
 )
 from stageline.storage import StorageError, check_bucket, join, open_location, storage_problem
 
@@ -114,19 +114,7 @@ class ObjectStoreRegistry(ModelRegistry):
                 f"model {name!r} has no version {version} in {self.uri} (versions: {known}); "
                 f"pick one of those or see the registry's versions({name!r})"
             )
-        try:
-            meta = ModelMetadata.model_validate_json(data)
-        except (pydantic.ValidationError, UnicodeDecodeError) as exc:
-            raise ModelIntegrityError(
-                f"{location} is not valid metadata for {name}@{version}; restore it or "
-                f"register the model again:\n{exc}"
-            ) from exc
-        if meta.name != name or meta.version != version:
-            raise ModelIntegrityError(
-                f"{location} describes {meta.name}@{meta.version}, not {name}@{version}; "
-                "it was copied or moved by hand - restore it or register the model again"
-            )
-        return meta
+        return parse_metadata(data, location, name, version)
 
     def _update_aliases(
         self, name: str, change: Callable[[dict[str, int]], dict[str, int]]
