@@ -337,7 +337,9 @@ def test_openapi_documents_the_declared_outputs(case: Case, url: str):
     answer = schema_ref(doc, ok["content"]["application/json"]["schema"])
     item = schema_ref(doc, answer["properties"]["predictions"]["items"])
     props = item["properties"]
-    assert set(props) == {case.id_field, *case.output_names, "error"}
+    # ``model`` names a record's own model when one answer mixes models (a canary).
+    assert set(props) == {case.id_field, *case.output_names, "error", "model"}
+    assert "different models" in props["model"]["description"]
     for o in case.outputs:
         documented = props[o.name].get("anyOf", [props[o.name]])
         assert JSON_SCHEMAS[o.type] in documented, (o.name, props[o.name])
